@@ -1,0 +1,3 @@
+"""DreamMix: subject-driven image inpainting with decoupled, editable attributes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Entry-point plumbing shared by ``src/*.py``: Hydra main + one-line errors.
+
+Bad input (a :class:`DreamMixError`, an unknown config option, a missing mandatory value) ends
+the program with one line ``error: <what> (<which file/key>)`` on stderr and exit code 2.
+``debug=true`` on the command line or ``HYDRA_FULL_ERROR=1`` shows the full traceback instead.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+_DEBUG_FLAGS = {"debug=true", "debug=True", "+debug=true", "debug=1"}
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or any(arg in _DEBUG_FLAGS for arg in argv)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first meaningful line of an exception message (Hydra's span several lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else exc.__class__.__name__
+    # Hydra adds the option list on later lines; keep the sentence that says what is wrong.
+    return text
+
+
+def bad_input_types() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dreammix.errors import DreamMixError
+
+    return (DreamMixError, HydraException, OmegaConfBaseException)
+
+
+def hydra_entry(task: Callable[[Any], Any], config_name: str, config_dir: str | Path) -> None:
+    """Run ``task(cfg)`` under ``@hydra.main`` with the project's error contract.
+
+    Hydra normally prints config errors itself and exits 1; with ``HYDRA_FULL_ERROR=1`` set
+    internally it raises them instead, so we can report every bad input the same way.
+    """
+    import hydra
+
+    argv = sys.argv[1:]
+    debug = _debug_requested(argv)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    # W&B stays on this machine unless the user asks for a sync mode explicitly.
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
+    def _main(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
+        return task(cfg)
+
+    try:
+        _main()
+    except bad_input_types() as exc:
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

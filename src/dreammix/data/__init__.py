@@ -1,0 +1,1 @@
+"""Subjects, masks, source + regular datasets, frozen-input caches and the Lightning datamodule."""
