@@ -1,0 +1,93 @@
+"""LoRA adapters on the UNet via peft, and their export in diffusers format *with* metadata.
+
+Paper §4.1: rank 4 on the attention key/value projections (``to_k``, ``to_v``). The exported
+``pytorch_lora_weights.safetensors`` carries the peft ``LoraConfig`` as adapter metadata: without
+it, ``load_lora_weights`` guesses ``alpha = rank`` and a run trained with another alpha would be
+rescaled silently on reload.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Shape of the adapter: rank, scaling alpha (effective scale alpha/rank), targets."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=("to_k", "to_v"))
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            init_lora_weights="gaussian",
+        )
+
+
+def add_lora(unet: torch.nn.Module, spec: LoraSpec) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, attach a LoRA adapter, return its (float32) trainable parameters."""
+    from dreammix.errors import DreamMixError
+
+    unet.requires_grad_(False)
+    try:
+        unet.add_adapter(spec.to_peft())
+    except ValueError as exc:  # peft: target modules not found in the model
+        raise DreamMixError(f"cannot attach LoRA: {str(exc).splitlines()[0]}", "lora.target_modules") from exc
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()  # adapters train in fp32 even when the base weights are bf16
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers naming (what ``load_lora_weights`` expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> Path:
+    """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically (temp dir + rename)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory.parent))
+    try:
+        StableDiffusionXLInpaintPipeline.save_lora_weights(
+            staging,
+            unet_lora_layers=weights,
+            unet_lora_adapter_metadata=spec.to_peft().to_dict(),
+            safe_serialization=True,
+        )
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory / LORA_WEIGHTS_NAME
