@@ -54,14 +54,34 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str, config_dir: str | 
     # W&B stays on this machine unless the user asks for a sync mode explicitly.
     os.environ.setdefault("WANDB_MODE", "offline")
 
+    def fail(exc: BaseException) -> None:
+        if debug:
+            raise exc
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
-        return task(cfg)
+        # Caught inside the job, so Hydra adds no "Error executing job" line of its own.
+        try:
+            return task(cfg)
+        except bad_input_types() as exc:
+            fail(exc)
 
     try:
         _main()
-    except bad_input_types() as exc:
-        if debug:
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    except bad_input_types() as exc:  # composition errors: unknown option, bad override syntax
+        fail(exc)
+
+
+def config_value(cfg, key: str, kind: type):
+    """``kind(cfg[key])`` with a one-line error naming the key when the value does not convert."""
+    from dreammix.errors import DreamMixError
+
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise DreamMixError(f"expected {kind.__name__}, got {value!r}", key) from exc

@@ -73,7 +73,7 @@ def load_inpaint_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         )
     except (OSError, ValueError) as exc:
         raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
-    if spec.vae_fp32:
+    if spec.vae_fp32 and pipe.vae.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -29,10 +29,16 @@ class LoraSpec:
     target_modules: tuple[str, ...] = field(default=("to_k", "to_v"))
 
     def __post_init__(self) -> None:
+        from dreammix.errors import DreamMixError
+
         if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+            raise DreamMixError(f"rank must be >= 1, got {self.rank}", "lora.rank")
+        if self.alpha <= 0:
+            raise DreamMixError(f"alpha must be > 0, got {self.alpha}", "lora.alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DreamMixError(f"dropout must be in [0, 1), got {self.dropout}", "lora.dropout")
         if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
+            raise DreamMixError("target_modules must name at least one module", "lora.target_modules")
 
     def to_peft(self):
         from peft import LoraConfig

@@ -1,0 +1,141 @@
+"""Lightning datamodule: the encoded source set and regular set, one batch of each per step.
+
+Batches are a pure function of ``(seed, step)`` (:class:`StepIndexedSampler`), so a run resumed
+from a checkpoint at step k sees exactly the batches an uninterrupted run sees from step k on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Sampler
+
+from dreammix.data.frozen import CachedInpaintSet, FrozenInputEncoder, encode_examples
+from dreammix.data.masks import MaskAugmentation
+from dreammix.data.regular import has_regular_data, load_regular_examples
+from dreammix.data.subjects import Subject, load_source_examples
+from dreammix.errors import DreamMixError
+
+
+class StepIndexedSampler(Sampler[int]):
+    """Indices for batches ``start_batch, start_batch+1, ...`` of a seeded sequence of epochs.
+
+    Position ``p`` of the stream is element ``p % n`` of permutation ``p // n`` (each a
+    ``randperm`` seeded by ``seed + epoch``): reshuffled every pass, reproducible from any step.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_batches: int, seed: int, start_batch: int = 0):
+        if num_items < 1:
+            raise ValueError("empty dataset")
+        self.num_items, self.batch_size = num_items, batch_size
+        self.num_batches, self.seed, self.start_batch = num_batches, seed, start_batch
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        perm_epoch, perm = -1, None
+        for pos in range(self.start_batch * self.batch_size, self.num_batches * self.batch_size):
+            epoch, offset = divmod(pos, self.num_items)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm_epoch = epoch
+            yield int(perm[offset])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """``conf/data/*.yaml``: prompts, regular-set location, batch sizes, mask augmentation."""
+
+    source_prompt: str
+    regular_dir: str | None = None
+    require_regular: bool = False
+    max_regular: int | None = None
+    batch_size: int = 1
+    regular_batch_size: int = 1
+    mask_variants: int = 4
+    missing_mask: str = "full"
+    mask_augmentation: MaskAugmentation = field(default_factory=MaskAugmentation)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.regular_batch_size < 1:
+            raise DreamMixError("batch sizes must be >= 1", "data.batch_size")
+        if self.mask_variants < 1:
+            raise DreamMixError("mask_variants must be >= 1", "data.mask_variants")
+
+    @classmethod
+    def from_config(cls, cfg) -> "DataSpec":
+        values = {k: cfg[k] for k in cfg if k in cls.__dataclass_fields__ and k != "mask_augmentation"}
+        try:
+            augmentation = MaskAugmentation(**cfg.get("mask_augmentation", {}))
+        except (TypeError, ValueError) as exc:
+            raise DreamMixError(str(exc), "data.mask_augmentation") from exc
+        return cls(mask_augmentation=augmentation, **values)
+
+
+class DreamMixDataModule(L.LightningDataModule):
+    """Source set (subject photos + augmented masks) and regular set (ADM), encoded once."""
+
+    def __init__(
+        self,
+        subject: Subject,
+        spec: DataSpec,
+        encoder: FrozenInputEncoder,
+        resolution: int,
+        use_regular: bool,
+        num_batches: int,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.subject, self.spec, self.encoder = subject, spec, encoder
+        self.resolution, self.use_regular = resolution, use_regular
+        self.num_batches, self.seed = num_batches, seed
+        self.source: CachedInpaintSet | None = None
+        self.regular: CachedInpaintSet | None = None
+
+    def regular_available(self) -> bool:
+        return has_regular_data(self.spec.regular_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.source is not None:
+            return  # encoded once, even if Lightning calls setup again
+        examples = load_source_examples(self.subject, self.spec.missing_mask)
+        self.source = encode_examples(
+            examples,
+            [self.spec.source_prompt],
+            self.encoder,
+            self.resolution,
+            variants=self.spec.mask_variants,
+            augmentation=self.spec.mask_augmentation,
+            seed=self.seed,
+        )
+        if not self.use_regular:
+            return
+        if not self.regular_available():
+            message = (
+                f"no regular data in {self.spec.regular_dir} (data.regular_dir): run `python src/adm.py "
+                f"subject={self.subject.name}` to create it, or train without it (loss.beta=0 / experiment=dreambooth)"
+            )
+            if self.spec.require_regular:
+                raise DreamMixError(message)
+            warnings.warn(message + "; training on the source set only", stacklevel=2)
+            return
+        regular = load_regular_examples(Path(self.spec.regular_dir), limit=self.spec.max_regular)
+        self.regular = encode_examples(regular, [r.prompt for r in regular], self.encoder, self.resolution, seed=self.seed)
+
+    def _loader(self, dataset: CachedInpaintSet, batch_size: int, seed: int) -> DataLoader:
+        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
+        sampler = StepIndexedSampler(len(dataset), batch_size, self.num_batches, seed, start_batch=start)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers, drop_last=False)
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {"source": self._loader(self.source, self.spec.batch_size, self.seed)}
+        if self.regular is not None:
+            loaders["regular"] = self._loader(self.regular, self.spec.regular_batch_size, self.seed + 1)
+        return CombinedLoader(loaders, mode="max_size_cycle")

@@ -1,0 +1,151 @@
+"""Frozen inputs computed once: VAE latents, both text encoders' embeddings, SDXL time ids.
+
+Only the UNet's LoRA weights train, so everything upstream of the UNet is a constant per item.
+We encode it once before training (``CachedInpaintSet``) and the training step runs the UNet
+alone — no text-encoder or VAE-encoder call per step (the performance issue counts this).
+Mask augmentation is kept by encoding ``variants`` augmented masks per source image up front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreammix.data.masks import MaskAugmentation, augment_mask
+from dreammix.data.subjects import MaskedImage
+from dreammix.losses import latent_mask
+
+
+def square_crop_resize(example: MaskedImage, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre square crop, resize to ``resolution``: image in [-1, 1] ``(3,R,R)``, mask ``(R,R)``.
+
+    Subject photos are square in DreamBench; a centre crop keeps the object for other aspect
+    ratios better than squashing it. The mask is resized with nearest neighbour and stays binary.
+    """
+    image = example.image
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    box = (left, top, left + side, top + side)
+    image = image.crop(box).resize((resolution, resolution), Image.BICUBIC)
+    mask_img = Image.fromarray((example.mask * 255).astype(np.uint8), mode="L").crop(box)
+    mask_img = mask_img.resize((resolution, resolution), Image.NEAREST)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    mask = torch.from_numpy((np.asarray(mask_img) >= 128).astype(np.float32))
+    return pixels, mask
+
+
+class FrozenInputEncoder:
+    """Wraps the frozen parts of an SDXL inpainting pipeline (VAE encoder, two text encoders)."""
+
+    def __init__(self, pipe, device: torch.device | str = "cpu", batch_size: int = 4):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, 77, D1+D2)`` penultimate token states of both encoders, ``(N, P)`` pooled."""
+        embeds, pooled = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            e, _, p, _ = self.pipe.encode_prompt(
+                prompt=chunk, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            embeds.append(e.float().cpu())
+            pooled.append(p.float().cpu())
+        return torch.cat(embeds), torch.cat(pooled)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents (mean of the posterior) of ``(N, 3, R, R)`` images in [-1, 1]."""
+        vae = self.pipe.vae
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = pixels[start : start + self.batch_size].to(self.device, vae.dtype)
+            latents = vae.encode(chunk).latent_dist.mode()
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def time_ids(resolution: int) -> torch.Tensor:
+        """SDXL micro-conditioning: original size, crop top-left, target size (6 numbers)."""
+        return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
+
+
+@dataclass
+class CachedInpaintSet(torch.utils.data.Dataset):
+    """Encoded training items: everything the UNet needs, nothing that needs another model.
+
+    Item ``i`` uses image ``image_index[i]`` and prompt ``prompt_index[i]``; masks are per item
+    (several augmented variants of one image share its clean latents).
+    """
+
+    latents: torch.Tensor  # (n_images, 4, r, r)
+    masked_latents: torch.Tensor  # (n_items, 4, r, r)
+    masks: torch.Tensor  # (n_items, 1, r, r), latent resolution, max-pooled
+    image_index: torch.Tensor  # (n_items,)
+    prompt_embeds: torch.Tensor  # (n_prompts, 77, D)
+    pooled_embeds: torch.Tensor  # (n_prompts, P)
+    prompt_index: torch.Tensor  # (n_items,)
+    time_ids: torch.Tensor  # (6,)
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        img, prm = int(self.image_index[i]), int(self.prompt_index[i])
+        return {
+            "latents": self.latents[img],
+            "masked_latents": self.masked_latents[i],
+            "mask": self.masks[i],
+            "prompt_embeds": self.prompt_embeds[prm],
+            "pooled_embeds": self.pooled_embeds[prm],
+            "time_ids": self.time_ids,
+        }
+
+
+def encode_examples(
+    examples: list[MaskedImage],
+    prompts: list[str],
+    encoder: FrozenInputEncoder,
+    resolution: int,
+    variants: int = 1,
+    augmentation: MaskAugmentation | None = None,
+    seed: int = 0,
+) -> CachedInpaintSet:
+    """Encode images, ``variants`` masks per image (variant 0 = the mask as given) and prompts.
+
+    ``prompts`` holds one prompt per example, or a single prompt shared by all.
+    """
+    if len(prompts) not in (1, len(examples)):
+        raise ValueError("need one prompt per example or a single shared prompt")
+    generator = torch.Generator().manual_seed(seed)
+    pixels, masks = zip(*(square_crop_resize(e, resolution) for e in examples))
+    pixels = torch.stack(pixels)
+    item_masks, item_pixels, image_index = [], [], []
+    for i, mask in enumerate(masks):
+        for v in range(variants):
+            m = mask if v == 0 or augmentation is None else augment_mask(mask, augmentation, generator)
+            item_masks.append(m)
+            item_pixels.append(pixels[i] * (1.0 - m))  # masked image: region to fill set to 0 (mid-grey)
+            image_index.append(i)
+    unique_prompts = list(dict.fromkeys(prompts))
+    prompt_embeds, pooled = encoder.encode_prompts(unique_prompts)
+    prompt_of_example = [unique_prompts.index(prompts[0] if len(prompts) == 1 else prompts[i]) for i in range(len(examples))]
+    factor = encoder.vae_scale_factor
+    return CachedInpaintSet(
+        latents=encoder.encode_images(pixels),
+        masked_latents=encoder.encode_images(torch.stack(item_pixels)),
+        masks=latent_mask(torch.stack(item_masks)[:, None], factor=factor),
+        image_index=torch.tensor(image_index),
+        prompt_embeds=prompt_embeds,
+        pooled_embeds=pooled,
+        prompt_index=torch.tensor([prompt_of_example[i] for i in image_index]),
+        time_ids=FrozenInputEncoder.time_ids(resolution),
+    )

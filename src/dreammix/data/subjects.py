@@ -1,0 +1,84 @@
+"""A subject's source data: its images and object masks, checked and loaded once.
+
+Source images are the few photos of the user's object (DreamBooth: 4–6 per subject); each has an
+object mask with the same file stem in the mask folder. Policy for the defects we meet in practice:
+a mask of another size is resized with a warning, a missing mask gets ``missing_mask`` ("full":
+the whole image is the region to fill, i.e. plain DreamBooth on that photo; "error": stop), an
+empty mask is an error (nothing to learn from), an unreadable image is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dreammix.data.images import list_images, load_image, load_mask
+from dreammix.errors import DreamMixError
+
+MISSING_MASK_POLICIES = ("full", "error")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject (``conf/subject/*.yaml``): its name, class noun and where its files are."""
+
+    name: str
+    class_noun: str
+    image_dir: Path
+    mask_dir: Path | None = None
+    kind: str = "object"
+
+    @classmethod
+    def from_config(cls, cfg) -> "Subject":
+        mask_dir = cfg.get("mask_dir")
+        return cls(
+            name=str(cfg.name),
+            class_noun=str(cfg.class_noun),
+            image_dir=Path(str(cfg.image_dir)),
+            mask_dir=Path(str(mask_dir)) if mask_dir else None,
+            kind=str(cfg.get("kind", "object")),
+        )
+
+
+@dataclass(frozen=True)
+class MaskedImage:
+    """An RGB image with its binary object mask (``(H, W)`` float, 1 = object)."""
+
+    image: Image.Image
+    mask: np.ndarray
+    path: Path
+
+
+def load_source_examples(subject: Subject, missing_mask: str = "full") -> list[MaskedImage]:
+    """Load every image of the subject with its mask, applying the policy above."""
+    if missing_mask not in MISSING_MASK_POLICIES:
+        raise DreamMixError(f"missing_mask must be one of {MISSING_MASK_POLICIES}, got {missing_mask!r}", "data.missing_mask")
+    if not subject.image_dir.is_dir():
+        raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
+    if subject.mask_dir is not None and not subject.mask_dir.is_dir():
+        raise DreamMixError(f"mask folder of subject '{subject.name}' not found: {subject.mask_dir}", "subject.mask_dir")
+    paths = list_images(subject.image_dir)
+    if not paths:
+        raise DreamMixError(f"no images in {subject.image_dir}", "subject.image_dir")
+    masks_by_stem = {}
+    if subject.mask_dir is not None:
+        masks_by_stem = {p.stem: p for p in list_images(subject.mask_dir)}
+    examples = []
+    for path in paths:
+        image = load_image(path)
+        mask_path = masks_by_stem.get(path.stem)
+        if mask_path is None:
+            if missing_mask == "error":
+                raise DreamMixError(f"no mask for {path.name} in {subject.mask_dir}", "data.missing_mask=error")
+            warnings.warn(f"no mask for {path}; using the whole image as the object region", stacklevel=2)
+            mask = np.ones((image.height, image.width), dtype=np.float32)
+        else:
+            mask = load_mask(mask_path, size=image.size)
+            if not mask.any():
+                raise DreamMixError("mask is empty (no pixel >= 128)", str(mask_path))
+        examples.append(MaskedImage(image=image, mask=mask, path=path))
+    return examples
