@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from dreammix.cli import hydra_entry
-from dreammix.train import train
 
 if __name__ == "__main__":
-    hydra_entry(train, config_name="train", config_dir=Path(__file__).resolve().parents[1] / "conf")
+    hydra_entry("dreammix.train:train", config_name="train", config_dir=Path(__file__).resolve().parents[1] / "conf")

@@ -108,3 +108,15 @@ def test_bad_training_values_are_one_line_errors(compose, tmp_path, subject, ove
     with pytest.raises(DreamMixError, match=message) as err:
         train(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_training_works_on_the_fooocus_base(compose, tmp_path, subject):
+    from dreammix.models.fooocus import is_fooocus_unet
+    from dreammix.models.loading import load_pipeline, model_spec_from_config
+
+    cfg = compose("train", _overrides(tmp_path, subject, "fooocus", 2, "model=tiny_fooocus", "loss.beta=0"))
+    run_dir = train(cfg)
+    pipe = load_pipeline(model_spec_from_config(cfg.model))
+    assert is_fooocus_unet(pipe.unet)
+    pipe.load_lora_weights(str(run_dir / "lora"))
+    assert _inpaint(pipe).shape == (64, 64, 3)

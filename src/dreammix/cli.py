@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -40,11 +41,20 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     return (DreamMixError, HydraException, OmegaConfBaseException)
 
 
-def hydra_entry(task: Callable[[Any], Any], config_name: str, config_dir: str | Path) -> None:
+def _resolve_task(task: Callable[[Any], Any] | str) -> Callable[[Any], Any]:
+    if callable(task):
+        return task
+    module, _, name = task.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def hydra_entry(task: Callable[[Any], Any] | str, config_name: str, config_dir: str | Path) -> None:
     """Run ``task(cfg)`` under ``@hydra.main`` with the project's error contract.
 
     Hydra normally prints config errors itself and exits 1; with ``HYDRA_FULL_ERROR=1`` set
     internally it raises them instead, so we can report every bad input the same way.
+    ``task`` may be ``"module:function"``: it is imported only once the config composed, so a
+    typo on the command line is reported before torch and diffusers are even imported.
     """
     import hydra
 
@@ -64,7 +74,7 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str, config_dir: str | 
     def _main(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
         # Caught inside the job, so Hydra adds no "Error executing job" line of its own.
         try:
-            return task(cfg)
+            return _resolve_task(task)(cfg)
         except bad_input_types() as exc:
             fail(exc)
 

@@ -23,7 +23,7 @@ from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
 from dreammix.data.subjects import Subject, load_source_examples
 from dreammix.errors import DreamMixError
-from dreammix.models.loading import ModelSpec, load_inpaint_pipeline, resolve_dtype
+from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 
@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     subject = Subject.from_config(cfg.subject)
-    model_spec = ModelSpec.from_config(cfg.model)
+    model_spec = model_spec_from_config(cfg.model)
     data_spec = DataSpec.from_config(cfg.data)
     loss_spec = LossSpec(
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> Path:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
-    pipe = load_inpaint_pipeline(model_spec, resolve_dtype(model_spec.weight_dtype, device))
+    pipe = load_pipeline(model_spec, resolve_dtype(model_spec.weight_dtype, device))
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
     encoder = FrozenInputEncoder(pipe, device)

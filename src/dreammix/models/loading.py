@@ -77,3 +77,21 @@ def load_inpaint_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         pipe.vae.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_spec_from_config(cfg) -> ModelSpec:
+    """The spec of ``conf/model/<name>.yaml``: a Fooocus spec when the config names a patch file."""
+    if cfg.get("patch_file"):
+        from dreammix.models.fooocus import FooocusSpec
+
+        return FooocusSpec.from_config(cfg)
+    return ModelSpec.from_config(cfg)
+
+
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """Load either base as an SDXL inpainting pipeline: every caller then treats both alike."""
+    if hasattr(spec, "patch_file"):
+        from dreammix.models.fooocus import load_fooocus_components
+
+        return load_fooocus_components(spec, dtype)
+    return load_inpaint_pipeline(spec, dtype)
