@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR
 
 SUBJECTS = sorted(p.stem for p in (CONF_DIR / "subject").glob("*.yaml") if p.stem != "custom")
-TRAIN_GROUPS = ["model", "data", "loss", "lora", "optim", "trainer", "logger", "paths", "experiment"]
+TRAIN_GROUPS = ["model", "data", "loss", "adapter", "optim", "trainer", "logger", "paths", "experiment"]
 
 
 def test_thirty_subjects_are_configured():
@@ -29,7 +29,8 @@ def test_every_subject_composes(compose, subject):
     [(g, p.stem) for g in TRAIN_GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))],
 )
 def test_every_group_option_composes_and_resolves(compose, group, option):
-    cfg = compose("train", [f"{group}={option}", "run_dir=/tmp/x", "subject=can"])
+    key = "adapter@lora" if group == "adapter" else group  # LoRA settings live under `lora`
+    cfg = compose("train", [f"{key}={option}", "run_dir=/tmp/x", "subject=can"])
     OmegaConf.resolve(cfg)  # no dangling interpolation
 
 

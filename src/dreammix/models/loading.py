@@ -27,6 +27,8 @@ class ModelSpec:
     vae_fp32: bool = True
     gradient_checkpointing: bool = False
     build_if_missing: bool = False
+    # Build the real SDXL inpainting architecture with random weights (performance runs, no download).
+    random_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
@@ -57,6 +59,10 @@ def load_inpaint_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     """The diffusers SDXL inpainting pipeline for ``spec`` (weights in ``dtype``, VAE fp32 if asked)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
+    if spec.random_weights:
+        from dreammix.models.sdxl_arch import build_sdxl_arch_pipeline
+
+        return build_sdxl_arch_pipeline(dtype)
     source = spec.pretrained
     if spec.build_if_missing:
         from dreammix.models.tiny import ensure_tiny_pipeline

@@ -1,0 +1,554 @@
+"""Attribute Decoupling Mechanism (paper §3.3): the regular set for Eq. 8.
+
+``run_adm(cfg)`` (``python src/adm.py subject=can``) does three things, each resumable:
+
+1. **Attribute dictionary.** The VLM looks at the subject images and lists attribute words by
+   category (``vlm=openai``); with ``vlm=offline`` the dictionary comes from
+   ``subject.attributes_file`` or the subject config's ``attributes``. Saved to
+   ``<out_dir>/attributes.json``; a later run of the same set reuses it.
+2. **Regular prompts.** ``adm.num_prompts`` prompts "a [attributes] <class> [attributes]", by
+   seeded random recombination of the dictionary words (``adm.prompt_source=random``) or written
+   by the VLM (``vlm``). Saved to ``<out_dir>/prompts.json``.
+3. **Regular images with masks.** Each prompt's class object is inpainted by the base model into
+   a box/ellipse mask on a background (plain neutral ones made in code, or ``adm.background_dir``),
+   so the mask is exact by construction and no segmentation model is needed. Item ``i`` uses
+   ``seed = adm.base_seed + i`` for its background, mask and noise, so it is the same whether it
+   is made in the first run or a resumed one, in any batch.
+
+Output (the contract with the training datamodule)::
+
+    <out_dir>/images/000000.png   RGB
+    <out_dir>/masks/000000.png    L, 0/255 (255 = object), same size as the image
+    <out_dir>/manifest.jsonl      {"image": "images/000000.png", "mask": "masks/000000.png",
+                                   "prompt": "...", "seed": 123}   (paths relative to out_dir)
+
+Image and mask are written atomically before their manifest line is appended and fsynced, so a
+killed run never leaves a line whose files are missing; a rerun skips what the manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dreammix.attributes import (
+    ask_vlm_for_attributes,
+    ask_vlm_for_prompts,
+    compose_prompts,
+    load_attributes_file,
+    normalize_attributes,
+    offline_attributes,
+    select_attributes_to_eliminate,
+)
+from dreammix.errors import DreamMixError
+from dreammix.vlm import atomic_write_text, make_vlm_client
+
+__all__ = [
+    "MANIFEST_NAME",
+    "RegularItem",
+    "append_manifest",
+    "generate_regular_set",
+    "make_background",
+    "make_mask",
+    "read_manifest",
+    "resolve_attributes",
+    "run_adm",
+    "select_attributes_to_eliminate",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+ATTRIBUTES_NAME = "attributes.json"
+PROMPTS_NAME = "prompts.json"
+MANIFEST_KEYS = ("image", "mask", "prompt", "seed")
+
+#: Plain, low-saturation wall/floor colors for the default backgrounds.
+_NEUTRALS = np.array(
+    [
+        [236, 236, 232], [214, 212, 206], [190, 188, 184], [160, 158, 155], [228, 220, 204],
+        [204, 192, 172], [176, 164, 146], [208, 214, 220], [180, 188, 196], [150, 142, 134],
+    ],
+    dtype=np.float32,
+)
+
+
+@dataclass(frozen=True)
+class RegularItem:
+    """One regular sample to make: its index (file name), prompt and seed."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def image(self) -> str:
+        return f"images/{self.index:06d}.png"
+
+    @property
+    def mask(self) -> str:
+        return f"masks/{self.index:06d}.png"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"image": self.image, "mask": self.mask, "prompt": self.prompt, "seed": self.seed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and backgrounds
+
+
+def make_mask(seed: int, size: tuple[int, int], shape: str = "random",
+              area: Sequence[float] = (0.3, 0.6)) -> Image.Image:
+    """A binary L-mode mask (0/255) with one box or ellipse covering ``area`` of the image.
+
+    Area fraction, aspect ratio (0.6–1.6), shape (for ``random``) and position all follow from
+    ``seed``, so the mask of item ``i`` never depends on the run that makes it.
+    """
+    lo, hi = float(area[0]), float(area[1])
+    if not 0 < lo <= hi < 1:
+        raise DreamMixError(f"mask area must satisfy 0 < low <= high < 1, got {list(area)}", "adm.mask_area")
+    if shape not in ("box", "ellipse", "random"):
+        raise DreamMixError(f"mask shape must be box|ellipse|random, got {shape!r}", "adm.mask_shape")
+    rng = random.Random(f"dreammix-adm-mask:{seed}")
+    width, height = size
+    fraction = rng.uniform(lo, hi)
+    aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+    kind = rng.choice(("box", "ellipse")) if shape == "random" else shape
+    # An ellipse fills pi/4 of its bounding box.
+    box_area = fraction * width * height * (4 / math.pi if kind == "ellipse" else 1.0)
+    w = min(float(width), math.sqrt(box_area * aspect))
+    h = min(float(height), box_area / w)
+    w = min(float(width), box_area / h)
+    x0 = rng.uniform(0, width - w)
+    y0 = rng.uniform(0, height - h)
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    coords = [round(x0), round(y0), round(x0 + w) - 1, round(y0 + h) - 1]
+    (draw.ellipse if kind == "ellipse" else draw.rectangle)(coords, fill=255)
+    return mask
+
+
+def make_background(seed: int, size: tuple[int, int], files: Sequence[Path] = ()) -> Image.Image:
+    """The background for item ``seed``: a square crop of one of ``files``, or a plain neutral
+    wall-and-floor gradient made in code (no data needed, nothing to distract the object)."""
+    rng = np.random.default_rng([seed, 7])
+    width, height = size
+    if files:
+        from dreammix.data.images import load_image
+
+        image = load_image(files[int(rng.integers(len(files)))])
+        side = min(image.size)
+        left = int(rng.integers(image.width - side + 1))
+        top = int(rng.integers(image.height - side + 1))
+        return image.crop((left, top, left + side, top + side)).resize(size, Image.BICUBIC)
+    wall, floor = _NEUTRALS[rng.choice(len(_NEUTRALS), size=2, replace=False)]
+    horizon = rng.uniform(0.55, 0.8)
+    y = (np.arange(height, dtype=np.float32) / max(1, height - 1))[:, None]
+    light = 1.0 + 0.08 * (0.5 - y)  # a little brighter at the top, like room light
+    wall_part = wall * (light * (1 - 0.1 * y / horizon))[..., None]
+    floor_part = floor * (0.92 + 0.08 * (y - horizon) / max(1e-3, 1 - horizon))[..., None]
+    column = np.where((y < horizon)[..., None], wall_part, floor_part)  # (H, 1, 3)
+    pixels = np.broadcast_to(column, (height, width, 3))
+    pixels = pixels + rng.normal(0.0, 2.0, size=(height, width, 1))  # faint grain, not flat color
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def save_png_atomic(image: Image.Image, path: str | Path) -> None:
+    """Write a PNG through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_manifest(out_dir: str | Path, entry: Mapping[str, Any]) -> None:
+    """Append one line to the manifest and fsync it (the item's files must already exist)."""
+    with open(Path(out_dir) / MANIFEST_NAME, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({k: entry[k] for k in MANIFEST_KEYS}, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """The manifest's entries, checked (keys, relative paths).
+
+    A last line without its newline is what a run killed mid-write leaves: it is ignored, and with
+    ``repair=True`` the file is rewritten without it (and without entries whose files are gone),
+    so the next append starts on a clean line. Any other bad line is an error naming the line.
+    """
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # tail is "" when the file ends with a newline
+    entries: list[dict[str, Any]] = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DreamMixError(f"manifest line {number} is not JSON ({exc.msg})", str(path)) from exc
+        if not isinstance(entry, dict) or any(k not in entry for k in MANIFEST_KEYS):
+            raise DreamMixError(f"manifest line {number} needs keys {list(MANIFEST_KEYS)}", str(path))
+        if Path(entry["image"]).is_absolute() or Path(entry["mask"]).is_absolute():
+            raise DreamMixError(f"manifest line {number}: paths must be relative to the folder", str(path))
+        entries.append(entry)
+    if repair:
+        kept = [e for e in entries if (Path(out_dir) / e["image"]).is_file() and (Path(out_dir) / e["mask"]).is_file()]
+        if tail.strip() or len(kept) != len(entries):
+            if tail.strip():
+                log.warning("dropping an unfinished last line of %s (the run was stopped while writing it)", path)
+            if len(kept) != len(entries):
+                log.warning("dropping %d manifest entries whose files are missing", len(entries) - len(kept))
+            atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
+            entries = kept
+    return entries
+
+
+def clear_regular_set(out_dir: str | Path) -> None:
+    """Remove what ADM writes in ``out_dir`` (and nothing else there)."""
+    out_dir = Path(out_dir)
+    for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("images", "masks"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def _batches(items: Sequence[RegularItem], size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def generate_regular_set(
+    pipe,
+    items: Sequence[RegularItem],
+    out_dir: str | Path,
+    *,
+    resolution: int,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    background_files: Sequence[Path] = (),
+    mask_shape: str = "random",
+    mask_area: Sequence[float] = (0.3, 0.6),
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Inpaint each item's prompt into its mask on its background; returns the full manifest.
+
+    Items already in the manifest are skipped. ``strength=1.0`` because the masked region must be
+    generated from pure noise (diffusers' default 0.9999 would keep a trace of the background).
+    Each item gets its own CPU generator seeded with ``item.seed``, so its noise does not depend
+    on the batch it lands in or on the device.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    done = {e["image"] for e in read_manifest(out_dir, repair=True)}
+    pending = [item for item in items if item.image not in done]
+    size = (resolution, resolution)
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="ADM regular set", unit="img",
+               disable=not progress)
+    try:
+        for batch in _batches(pending, max(1, batch_size)):
+            backgrounds = [make_background(item.seed, size, background_files) for item in batch]
+            masks = [make_mask(item.seed, size, mask_shape, mask_area) for item in batch]
+            generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+            with torch.inference_mode():
+                images = pipe(
+                    prompt=[item.prompt for item in batch],
+                    negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                    image=backgrounds,
+                    mask_image=masks,
+                    height=resolution,
+                    width=resolution,
+                    strength=1.0,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    output_type="pil",
+                ).images
+            for item, image, mask in zip(batch, images, masks):
+                image = image.convert("RGB")
+                if image.size != size:
+                    image = image.resize(size, Image.BICUBIC)
+                save_png_atomic(image, out_dir / item.image)
+                save_png_atomic(mask, out_dir / item.mask)
+                append_manifest(out_dir, item.manifest_entry())
+                bar.update(1)
+    finally:
+        bar.close()
+    return read_manifest(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ADM run
+
+
+def _subject_images(subject_cfg: Mapping[str, Any]) -> list[Path]:
+    from dreammix.data.images import list_images
+
+    image_dir = subject_cfg.get("image_dir")
+    if not image_dir:
+        raise DreamMixError("the VLM needs the subject images", "subject.image_dir")
+    images = list_images(image_dir)
+    if not images:
+        raise DreamMixError("no images in the subject folder", str(image_dir))
+    return images
+
+
+def resolve_attributes(cfg, client=None, out_dir: str | Path | None = None) -> tuple[dict[str, list[str]], str]:
+    """The subject's attribute dictionary and where it came from.
+
+    ``<out_dir>/attributes.json`` of an existing regular set wins (a resumed run must use the
+    dictionary its prompts were made from); then ``subject.attributes_file``; then the VLM when
+    a client is given; else the subject config's ``attributes``.
+    """
+    subject = cfg.subject
+    if out_dir is not None and (Path(out_dir) / ATTRIBUTES_NAME).is_file():
+        return load_attributes_file(Path(out_dir) / ATTRIBUTES_NAME), str(Path(out_dir) / ATTRIBUTES_NAME)
+    if subject.get("attributes_file"):
+        return load_attributes_file(subject.attributes_file), str(subject.attributes_file)
+    if client is not None:
+        return ask_vlm_for_attributes(client, subject.class_noun, _subject_images(subject)), client.where
+    attributes = offline_attributes(subject)
+    if not attributes:
+        raise DreamMixError(
+            f"no attribute dictionary for subject {subject.name!r}: set subject.attributes_file=FILE.json or "
+            "subject.attributes, or use a VLM (vlm=openai)",
+            "subject.attributes",
+        )
+    return attributes, f"conf/subject/{subject.name}.yaml"
+
+
+def _prompt_settings(cfg) -> dict[str, Any]:
+    adm = cfg.adm
+    return {
+        "source": adm.prompt_source,
+        "base_seed": int(adm.base_seed),
+        "identifier": adm.identifier,
+        "class_noun": cfg.subject.class_noun,
+        "min_before": int(adm.min_before),
+        "max_before": int(adm.max_before),
+        "after_prob": float(adm.after_prob),
+    }
+
+
+def plan_prompts(cfg, attributes: Mapping[str, Sequence[str]], client, stored: Mapping[str, Any] | None) -> list[str]:
+    """``adm.num_prompts`` prompts: the stored ones of this set first, then new ones.
+
+    Composed prompts depend only on ``(base_seed, index)``, so a longer list keeps its start;
+    VLM-written prompts are topped up with composed ones if the VLM gives too few.
+    """
+    adm = cfg.adm
+    n = int(adm.num_prompts)
+    settings = _prompt_settings(cfg)
+    kept = list(stored["prompts"]) if stored else []
+    if len(kept) >= n:
+        return kept[:n]
+    composed = compose_prompts(
+        attributes, cfg.subject.class_noun, n, settings["base_seed"], identifier=settings["identifier"],
+        min_before=settings["min_before"], max_before=settings["max_before"], after_prob=settings["after_prob"],
+    )
+    if settings["source"] == "random":
+        return kept + composed[len(kept):]
+    if client is None:
+        raise DreamMixError("adm.prompt_source=vlm needs a VLM (vlm=openai), not vlm=offline", "adm.prompt_source")
+    written = ask_vlm_for_prompts(client, attributes, cfg.subject.class_noun, n)
+    if settings["identifier"]:
+        written = [_with_identifier(p, settings["identifier"]) for p in written]
+    fresh = [p for p in written if p not in kept]
+    prompts = (kept + fresh)[:n]
+    if len(prompts) < n:
+        log.warning("the VLM wrote %d usable prompts; composing the other %d", len(prompts), n - len(prompts))
+        prompts += composed[len(prompts):]
+    return prompts
+
+
+def _with_identifier(prompt: str, identifier: str) -> str:
+    words = prompt.split()
+    if identifier in words:
+        return prompt
+    if words and words[0].lower() in ("a", "an", "the"):
+        return " ".join(["a", identifier] + words[1:])
+    return f"a {identifier} {prompt}"
+
+
+def _check_config(adm) -> None:
+    if int(adm.num_prompts) < 1:
+        raise DreamMixError(f"must be >= 1, got {adm.num_prompts}", "adm.num_prompts")
+    if int(adm.batch_size) < 1:
+        raise DreamMixError(f"must be >= 1, got {adm.batch_size}", "adm.batch_size")
+    if adm.prompt_source not in ("random", "vlm"):
+        raise DreamMixError(f"must be random|vlm, got {adm.prompt_source!r}", "adm.prompt_source")
+    if int(adm.num_inference_steps) < 1:
+        raise DreamMixError(f"must be >= 1, got {adm.num_inference_steps}", "adm.num_inference_steps")
+    make_mask(0, (8, 8), adm.mask_shape, adm.mask_area)  # validates shape and area
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DreamMixError(f"cannot read {path.name}: {exc}", str(path)) from exc
+
+
+def run_adm(cfg) -> Path:
+    """Build (or finish) the regular set of ``cfg.subject`` in ``cfg.adm.out_dir``; returns it.
+
+    Every VLM call happens before anything is written (or, with ``adm.overwrite``, removed), so a
+    run that cannot reach the VLM leaves ``out_dir`` as it was.
+    """
+    adm = cfg.adm
+    _check_config(adm)
+    out_dir = Path(adm.out_dir)
+    overwrite = bool(adm.overwrite)
+    client = make_vlm_client(cfg.get("vlm"))
+
+    attributes, source = resolve_attributes(cfg, client, None if overwrite else out_dir)
+    log.info("attribute dictionary of %s (from %s): %s", cfg.subject.name, source, json.dumps(attributes))
+    offline = offline_attributes(cfg.subject) if client is None else None
+    if source.endswith(ATTRIBUTES_NAME) and offline and normalize_attributes(offline, "subject") != attributes:
+        log.warning("%s differs from the subject's dictionary; keeping the set's own (adm.overwrite=true rebuilds)",
+                    out_dir / ATTRIBUTES_NAME)
+
+    stored = _read_json(out_dir / PROMPTS_NAME) if (out_dir / PROMPTS_NAME).is_file() and not overwrite else None
+    if stored is not None and stored.get("settings") != _prompt_settings(cfg):
+        if read_manifest(out_dir):
+            raise DreamMixError(
+                "this regular set was made with other prompt settings (prompt_source, base_seed, identifier, "
+                "...); use adm.overwrite=true to rebuild it or another adm.out_dir",
+                str(out_dir / PROMPTS_NAME),
+            )
+        stored = None
+    prompts = plan_prompts(cfg, attributes, client, stored)
+    items = [RegularItem(i, prompt, int(adm.base_seed) + i) for i, prompt in enumerate(prompts)]
+
+    if overwrite:  # only now: a failed VLM call above must not cost the user the old set
+        clear_regular_set(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / ATTRIBUTES_NAME, json.dumps(attributes, indent=2, ensure_ascii=False) + "\n")
+    all_prompts = prompts if not stored or len(stored["prompts"]) <= len(prompts) else list(stored["prompts"])
+    atomic_write_text(out_dir / PROMPTS_NAME,
+                      json.dumps({"settings": _prompt_settings(cfg), "prompts": all_prompts}, indent=1,
+                                 ensure_ascii=False) + "\n")
+
+    existing = {e["image"]: e for e in read_manifest(out_dir, repair=True)}
+    for item in items:
+        entry = existing.get(item.image)
+        if entry is not None and (entry["prompt"] != item.prompt or int(entry["seed"]) != item.seed):
+            raise DreamMixError(
+                f"{item.image} was made for {entry['prompt']!r} (seed {entry['seed']}), not {item.prompt!r} "
+                f"(seed {item.seed}); use adm.overwrite=true or another adm.out_dir",
+                str(out_dir / MANIFEST_NAME),
+            )
+    pending = [item for item in items if item.image not in existing]
+    log.info("regular set %s: %d of %d items to make", out_dir, len(pending), len(items))
+    if pending:
+        _generate(cfg, items, out_dir)
+    entries = read_manifest(out_dir)
+    _log_to_wandb(cfg, out_dir, attributes, entries)
+    return out_dir
+
+
+def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
+    from dreammix.data.images import list_images
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline, resolve_dtype
+
+    adm = cfg.adm
+    background_files: list[Path] = []
+    if adm.background_dir:
+        background_files = list_images(adm.background_dir)
+        if not background_files:
+            raise DreamMixError("no images in the background folder", "adm.background_dir")
+    spec = ModelSpec.from_config(cfg.model)
+    device = resolve_device(adm.device)
+    pipe = load_inpaint_pipeline(spec, resolve_dtype(spec.weight_dtype, device))
+    pipe.to(device)
+    generate_regular_set(
+        pipe,
+        items,
+        out_dir,
+        resolution=int(adm.resolution),
+        num_inference_steps=int(adm.num_inference_steps),
+        guidance_scale=float(adm.guidance_scale),
+        negative_prompt=adm.negative_prompt or None,
+        batch_size=int(adm.batch_size),
+        background_files=background_files,
+        mask_shape=adm.mask_shape,
+        mask_area=list(adm.mask_area),
+    )
+
+
+def _log_to_wandb(cfg, out_dir: Path, attributes: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> None:
+    """Log the dictionary and a sample table to W&B (offline unless WANDB_MODE says otherwise).
+
+    The logged config is the resolved Hydra config, which holds the *name* of the key's
+    environment variable, never the key.
+    """
+    logger = cfg.get("logger")
+    if not logger or not logger.get("enabled", False):
+        return
+    import wandb
+    from omegaconf import OmegaConf
+
+    run = wandb.init(
+        project=logger.get("project", "dreammix"),
+        entity=logger.get("entity"),
+        group=logger.get("group"),
+        tags=list(logger.get("tags") or []),
+        name=f"adm-{cfg.subject.name}",
+        job_type="adm",
+        dir=str(cfg.run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        table = wandb.Table(columns=["image", "mask", "prompt", "seed"])
+        for entry in list(entries)[: int(cfg.adm.get("log_samples", 16))]:
+            table.add_data(wandb.Image(str(out_dir / entry["image"])), wandb.Image(str(out_dir / entry["mask"])),
+                           entry["prompt"], entry["seed"])
+        run.log({"adm/samples": table, "adm/num_items": len(entries)})
+        run.summary["adm/attributes"] = json.dumps(dict(attributes), ensure_ascii=False)
+    finally:
+        run.finish()

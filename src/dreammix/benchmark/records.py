@@ -1,0 +1,124 @@
+"""Per-case result records: an append-only JSONL log that a long benchmark run can resume from.
+
+The benchmark generates and scores thousands of cases; a crash or a pre-empted job must not lose
+the finished ones, and a rerun must not redo them. Each finished case is one JSON line appended
+with a single ``write`` on an ``O_APPEND`` descriptor (then ``fsync``), so a line is either all
+there or — if the process dies mid-write — a truncated last line, which :class:`RecordLog`
+drops when it opens the file. On read, records are keyed by ``case_id`` and the last one wins
+(a deliberate re-score replaces the old value without rewriting the file); :meth:`compact`
+rewrites the deduplicated log atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dreammix.benchmark.manifest import atomic_write_bytes, canonical_json
+from dreammix.errors import DreamMixError
+
+T = TypeVar("T")
+
+
+class RecordLog:
+    """Append-only JSONL of per-case records, deduplicated by ``key`` on read."""
+
+    def __init__(self, path: str | Path, key: str = "case_id", fsync: bool = True):
+        self.path = Path(path)
+        self.key = key
+        self.fsync = fsync
+        self._repair_tail()
+
+    def _repair_tail(self) -> None:
+        """Cut a partial last line (a crash mid-append) so the next append starts a fresh line."""
+        if not self.path.is_file():
+            return
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        with self.path.open("rb+") as handle:
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            # Find the last newline; everything after it is an incomplete record.
+            chunk = 1 << 16
+            end = size
+            keep = 0
+            while end > 0:
+                start = max(0, end - chunk)
+                handle.seek(start)
+                data = handle.read(end - start)
+                idx = data.rfind(b"\n")
+                if idx >= 0:
+                    keep = start + idx + 1
+                    break
+                end = start
+            handle.truncate(keep)
+        warnings.warn(f"{self.path}: dropped an incomplete last record (interrupted write)", stacklevel=3)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record (must carry ``key``) as one line, in one ``write`` call."""
+        if self.key not in record:
+            raise DreamMixError(f"record has no '{self.key}' field", str(self.path))
+        data = (canonical_json(dict(record)) + "\n").encode("utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """All records keyed by ``key`` (the last line for a key wins), in first-seen order."""
+        records: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            return records
+        with self.path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DreamMixError(f"record line is not JSON ({exc.msg})", f"{self.path}:{number}") from exc
+                if not isinstance(record, dict) or self.key not in record:
+                    raise DreamMixError(f"record line has no '{self.key}'", f"{self.path}:{number}")
+                records[str(record[self.key])] = record
+        return records
+
+    def done(self) -> set[str]:
+        """Keys of the cases already recorded."""
+        return set(self.load())
+
+    def pending(self, items: Iterable[T], key_of: Any = None) -> list[T]:
+        """The ``items`` not yet recorded, in their original order.
+
+        ``key_of`` maps an item to its key; by default the item's ``key`` attribute (a manifest
+        :class:`~dreammix.benchmark.manifest.Case`) or mapping entry.
+        """
+        done = self.done()
+
+        def _key(item: Any) -> str:
+            if key_of is not None:
+                return str(key_of(item))
+            if isinstance(item, Mapping):
+                return str(item[self.key])
+            return str(getattr(item, self.key))
+
+        return [item for item in items if _key(item) not in done]
+
+    def compact(self) -> int:
+        """Rewrite the log atomically with one line per key (sorted); returns the record count."""
+        records = self.load()
+        data = "".join(canonical_json(records[k]) + "\n" for k in sorted(records)).encode("utf-8")
+        atomic_write_bytes(self.path, data)
+        return len(records)

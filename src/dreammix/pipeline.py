@@ -1,0 +1,579 @@
+"""DreamMixInpaintPipeline: disentangled inpainting (LCG → GCH, paper §3.2, Eq. 3–6) with TAS (§3.4).
+
+A subclass of diffusers' ``StableDiffusionXLInpaintPipeline``: it reuses its components,
+``from_pretrained``/``from_pipe``, LoRA loading, ``encode_prompt``, ``_get_add_time_ids``,
+``prepare_mask_latents``, ``prepare_extra_step_kwargs`` and image processors, and replaces only
+``__call__`` (and ``check_inputs``, which raises :class:`DreamMixError`).
+
+One denoising schedule of T steps is split at ``k = round(λ·T)`` (DESIGN.md §3):
+
+1. **LCG** (steps ``0 … k-1``): the enlarged square crop m' (:func:`dreammix.crop.lcg_crop_box`) is
+   resized to the model resolution, encoded (Eq. 3) and denoised from pure noise (strength 1) with
+   the blend of Eq. 5 — outside the crop-mapped mask the latent is replaced by the crop's own
+   latent noised to the current level. At the switch, the step's x₀ prediction (blended with the
+   clean crop latent, Eq. 5 at t = 0) is decoded and pasted through the feathered mask into the
+   input → x^G.
+2. **GCH** (steps ``k … T-1``): x^G at its own aspect ratio and the model's area is encoded,
+   noised to the level of step k with fresh noise (the schedule continues; the solver's history is
+   reset since the latent changed space), and denoised with the blend of Eq. 6 against the
+   user mask m. λ = 0 is plain SDXL inpainting of the whole image; λ = 1 is LCG alone.
+3. The final image is the input outside the feathered mask and the generated pixels inside, at the
+   input's size: pixels farther than ``2·feather_radius`` from the mask are bit-identical to it.
+
+Cost equals diffusers' pipeline at the same T: one UNet call (batched CFG) per step in total,
+prompts encoded once, VAE work only at the stage start/switch/end, no host↔device copies in the
+loop beyond what the scheduler itself does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionXLInpaintPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
+    rescale_noise_cfg,
+    retrieve_latents,
+)
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from dreammix.crop import Box, composite, feather, lcg_crop_box, paste, processing_size, resize_mask
+from dreammix.data.images import mask_to_binary, to_rgb
+from dreammix.errors import DreamMixError
+from dreammix.losses import latent_mask
+from dreammix.tas import (
+    IDENTIFIER,
+    check_identifier,
+    clean_eliminate_words,
+    count_text_tokens,
+    decompose_prompt_embeds,
+)
+
+STAGES = ("local", "global")
+LORA_ADAPTER = "subject"
+
+
+def split_steps(lambda_: float, num_inference_steps: int) -> int:
+    """Number of LCG steps: ``round(λ·T)``, halves rounded up (not Python's banker's rounding)."""
+    return int(math.floor(lambda_ * num_inference_steps + 0.5))
+
+
+@dataclass
+class DreamMixPipelineOutput(BaseOutput):
+    """``images``: final images at the input's size (or final-stage latents for ``output_type="latent"``);
+    ``lcg_images``: x^G, the LCG result pasted into the input (None when λ = 0);
+    ``crop_box``: m' as ``(left, top, right, bottom)`` (None when λ = 0); ``lcg_steps``: k."""
+
+    images: list[PIL.Image.Image] | torch.Tensor
+    lcg_images: list[PIL.Image.Image] | None
+    crop_box: tuple[int, int, int, int] | None
+    lcg_steps: int
+
+
+@dataclass
+class _Cond:
+    """Text conditioning of one stage, already CFG-batched and on the device."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise DreamMixError(f"image array must be HxW or HxWx3, got shape {image.shape}", "image")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        arr = arr[..., :3]
+        if arr.dtype == np.uint8:
+            return np.ascontiguousarray(arr)
+        if np.issubdtype(arr.dtype, np.floating):
+            return np.clip(np.floor(arr * 255.0 + 0.5), 0, 255).astype(np.uint8)
+        if arr.dtype == np.uint16:
+            return np.clip(np.floor(arr / 257.0 + 0.5), 0, 255).astype(np.uint8)
+        raise DreamMixError(f"image array dtype {arr.dtype} is not supported (uint8, uint16 or float)", "image")
+    raise DreamMixError(f"image must be a PIL image or a numpy array, got {type(image).__name__}", "image")
+
+
+def _as_binary_mask(mask: Any) -> np.ndarray:
+    if isinstance(mask, PIL.Image.Image):
+        return mask_to_binary(mask)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    if isinstance(mask, np.ndarray):
+        arr = np.squeeze(mask)
+        if arr.ndim == 3:  # RGB(A) array: use its gray level like an RGB mask file
+            arr = arr[..., :3].mean(axis=-1)
+        if arr.ndim != 2:
+            raise DreamMixError(f"mask array must be HxW, got shape {mask.shape}", "mask_image")
+        if arr.dtype == bool:
+            return arr.astype(np.float32)
+        if arr.dtype == np.uint8 or (np.issubdtype(arr.dtype, np.integer) and arr.max() > 1):
+            return (arr >= 128).astype(np.float32)
+        return (arr >= 0.5).astype(np.float32)
+    raise DreamMixError(f"mask must be a PIL image or a numpy array, got {type(mask).__name__}", "mask_image")
+
+
+class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
+    """Subject-driven SDXL inpainting with DIF (LCG → GCH) and TAS; see the module docstring."""
+
+    @classmethod
+    def from_base(cls, pipe: StableDiffusionXLInpaintPipeline) -> "DreamMixInpaintPipeline":
+        """Wrap an already loaded SDXL inpainting pipeline, sharing its modules as they are.
+
+        (diffusers' ``from_pipe`` casts every module to float32 unless told otherwise, which would
+        undo bf16 weights on the GPU.) No invisible watermark: it would alter the pixels that the
+        final composite promises to keep.
+        """
+        new = cls(
+            **{k: v for k, v in pipe.components.items()},
+            requires_aesthetics_score=pipe.config.requires_aesthetics_score,
+            force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        name = getattr(pipe.config, "_name_or_path", None)
+        if name:
+            new.register_to_config(_name_or_path=name)
+        return new
+
+    # ------------------------------------------------------------------ LoRA (one UNet, peft adapter)
+    def load_subject_lora(self, path: str | Path, scale: float = 1.0, adapter_name: str = LORA_ADAPTER) -> None:
+        """Load a trained subject LoRA (a folder written by ``dreammix.models.lora.save_lora``) as a
+        peft adapter on the one UNet; code that needs the base model uses :meth:`adapter_disabled`."""
+        from dreammix.models.lora import LORA_WEIGHTS_NAME
+
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise DreamMixError("LoRA folder not found", str(path))
+        if not (path / LORA_WEIGHTS_NAME).is_file():
+            raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", str(path))
+        try:
+            self.load_lora_weights(str(path), adapter_name=adapter_name)
+        except (ValueError, KeyError, OSError) as exc:
+            raise DreamMixError(f"cannot load LoRA: {str(exc).splitlines()[0]}", str(path)) from exc
+        self.set_adapters([adapter_name], adapter_weights=[scale])
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the base (un-adapted) UNet inside the block by toggling the peft adapters — never a
+        second UNet copy (DESIGN.md §6)."""
+        has_adapters = bool(getattr(self.unet, "peft_config", None))
+        if has_adapters:
+            self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            if has_adapters:
+                self.unet.enable_adapters()
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(  # noqa: D417 - different contract from the parent's
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        prompt: Any,
+        num_inference_steps: int,
+        guidance_scale: float,
+        lambda_: float,
+        num_images_per_prompt: int,
+        output_type: str,
+        eliminate: list[str],
+        tas_stages: Sequence[str],
+        identifier: str,
+        generator: Any,
+        feather_radius: int | None,
+    ) -> None:
+        """Raise :class:`DreamMixError` (one line, naming the argument) on any bad input."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DreamMixError("prompt must be a non-empty string", "prompt")
+        if mask.shape != image.shape[:2]:
+            raise DreamMixError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.shape[1]}x{image.shape[0]} "
+                "(resize it, or load it with dreammix.data.images.load_mask(path, size=image.size))",
+                "mask_image",
+            )
+        if not mask.any():
+            raise DreamMixError("mask is empty: no pixel is marked to fill (1 = fill, 0 = keep)", "mask_image")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise DreamMixError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}", "steps")
+        if not 0.0 <= float(lambda_) <= 1.0:
+            raise DreamMixError(f"lambda must be in [0, 1], got {lambda_}", "dif.lambda_")
+        if guidance_scale < 0:
+            raise DreamMixError(f"guidance_scale must be >= 0, got {guidance_scale}", "guidance_scale")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise DreamMixError(f"num_images must be a positive integer, got {num_images_per_prompt!r}", "num_images")
+        if output_type not in ("pil", "latent"):
+            raise DreamMixError(f"output_type must be 'pil' or 'latent', got {output_type!r}", "output_type")
+        bad = [s for s in tas_stages if s not in STAGES]
+        if bad:
+            raise DreamMixError(f"TAS stages must be among {list(STAGES)}, got {bad}", "tas.stages")
+        if eliminate:
+            check_identifier(prompt, identifier)
+        if isinstance(generator, list) and len(generator) != num_images_per_prompt:
+            raise DreamMixError(
+                f"{len(generator)} generators for {num_images_per_prompt} images", "generator"
+            )
+        if feather_radius is not None and feather_radius < 0:
+            raise DreamMixError(f"feather_radius must be >= 0, got {feather_radius}", "dif.feather_radius")
+        if getattr(self.scheduler, "order", 1) != 1:
+            raise DreamMixError(
+                f"{self.scheduler.__class__.__name__} is a second-order scheduler; DIF splits the schedule "
+                "between steps, use a first-order or multistep one (euler, ddim, dpmpp_2m, unipc)",
+                "scheduler",
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _size_multiple(self) -> int:
+        """Pixel multiple the UNet can down-sample without padding: VAE factor × 2^(levels − 1)."""
+        levels = len(self.unet.config.block_out_channels)
+        return self.vae_scale_factor * 2 ** (levels - 1)
+
+    def _vae_encode(self, pixels: torch.Tensor, generator: Any, sample: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Scaled VAE latents of ``pixels`` in [-1, 1]. ``sample=True`` draws from the posterior
+        with ``generator`` like diffusers' ``_encode_vae_image`` (same random stream, so λ = 0 runs
+        match diffusers' pipeline); ``sample=False`` takes its mean (no randomness), used for the
+        blending targets z^L, z^G."""
+        x = pixels.to(device=self.vae.device, dtype=self.vae.dtype)
+        mode = "sample" if sample else "argmax"
+        if sample and isinstance(generator, list):
+            latents = torch.cat(
+                [retrieve_latents(self.vae.encode(x[i : i + 1]), generator=generator[i], sample_mode=mode) for i in range(x.shape[0])]
+            )
+        else:
+            latents = retrieve_latents(self.vae.encode(x), generator=generator, sample_mode=mode)
+        return (self.vae.config.scaling_factor * latents).to(dtype)
+
+    def _vae_decode(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
+        x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(x, output_type="pil")
+
+    def _predict_x0(self, step_output: Any, scaled_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x₀ at the LCG → GCH switch: the scheduler's own prediction when it reports one (Euler,
+        DDIM, …), else from the VP-scaled model input: ε-, v- or sample-prediction."""
+        x0 = getattr(step_output, "pred_original_sample", None)
+        if x0 is not None:
+            return x0
+        a = self.scheduler.alphas_cumprod.to(scaled_input.device, torch.float32)[int(t)]
+        x, pred = scaled_input.float(), noise_pred.float()
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            x0 = (x - (1 - a).sqrt() * pred) / a.sqrt()
+        elif kind == "v_prediction":
+            x0 = a.sqrt() * x - (1 - a).sqrt() * pred
+        else:
+            x0 = pred
+        return x0.to(scaled_input.dtype)
+
+    def _encode_conditions(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        eliminate: list[str],
+        tas_stages: Sequence[str],
+        num_images: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> dict[str, _Cond]:
+        """Encode the prompt once; TAS (Eq. 9) makes the decomposed variant for the stages that use it."""
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        pe, npe, pooled, npooled = self.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            lora_scale=lora_scale,
+        )
+        variants = {"raw": (pe, pooled)}
+        if eliminate and tas_stages:
+            text = " ".join(eliminate)
+            epe, _, epooled, _ = self.encode_prompt(
+                prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, lora_scale=lora_scale
+            )
+            tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+            variants["tas"] = decompose_prompt_embeds(
+                pe, pooled, epe, epooled, count_text_tokens(tokenizer, prompt), count_text_tokens(tokenizer, text)
+            )
+
+        def batched(key: str) -> _Cond:
+            embeds, pool = variants[key]
+            if self.do_classifier_free_guidance:
+                embeds, pool = torch.cat([npe, embeds]), torch.cat([npooled, pool])
+            return _Cond(embeds.to(device, dtype), pool.to(device, dtype))
+
+        conds = {stage: batched("tas" if stage in tas_stages and "tas" in variants else "raw") for stage in STAGES}
+        return conds
+
+    def _time_ids(self, size: tuple[int, int], pooled_dim: int, num_images: int, device, dtype) -> torch.Tensor:
+        w, h = size
+        add, neg = self._get_add_time_ids(
+            (h, w), (0, 0), (h, w), 6.0, 2.5, (h, w), (0, 0), (h, w), dtype=dtype, text_encoder_projection_dim=pooled_dim
+        )
+        add = add.repeat(num_images, 1)
+        if self.do_classifier_free_guidance:
+            add = torch.cat([neg.repeat(num_images, 1), add])
+        return add.to(device)
+
+    def _reset_schedule(self, num_inference_steps: int, start: int, device) -> torch.Tensor:
+        """The same T-step schedule for both stages; ``start`` positions the scheduler at step k.
+        Re-setting clears multistep solvers' history, which belongs to the previous stage's latent."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps
+
+    def _denoise_stage(
+        self,
+        *,
+        stage: str,
+        images: list[PIL.Image.Image],
+        mask: np.ndarray,
+        size: tuple[int, int],
+        start: int,
+        stop: int,
+        num_inference_steps: int,
+        num_images: int,
+        generator: Any,
+        cond: _Cond,
+        blend: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        eta: float,
+        callback_on_step_end: Callable | None,
+        progress_bar: Any,
+    ) -> torch.Tensor:
+        """Denoise ``images`` (1 shared or ``num_images``) at ``size`` over steps ``[start, stop)``.
+
+        Returns the final latents when the stage ends the schedule, else the blended x₀
+        prediction of its last step (what the next stage is built from).
+        """
+        w, h = size
+        timesteps = self._reset_schedule(num_inference_steps, start, device)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # a. image, pixel mask and latent mask (max-pool: the object is never under-covered, DESIGN §3)
+        pixels = self.image_processor.preprocess(images, height=h, width=w).to(device=device, dtype=torch.float32)
+        pmask = torch.from_numpy(mask).to(device=device, dtype=torch.float32)[None, None]
+        lmask = latent_mask(pmask, self.vae_scale_factor).to(dtype)
+
+        # b. noise first, then the masked image posterior sample (diffusers' random order)
+        shape = (num_images, self.vae.config.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        masked_latents = self._vae_encode(pixels * (pmask < 0.5), generator, sample=True, dtype=dtype)
+        if masked_latents.shape[0] != num_images:
+            masked_latents = masked_latents.repeat(num_images // masked_latents.shape[0], 1, 1, 1)
+        mask_c, masked_c = self.prepare_mask_latents(
+            lmask, masked_latents, num_images, h, w, dtype, device, generator, self.do_classifier_free_guidance
+        )
+
+        # c. blending target z^L / z^G (Eq. 3) and the start latent: pure noise at step 0
+        #    (strength 1), else the stage image noised to step k's level (schedule continues)
+        image_latents = None
+        if blend or start > 0:
+            image_latents = self._vae_encode(pixels, None, sample=False, dtype=dtype)
+            if image_latents.shape[0] != num_images:
+                image_latents = image_latents.repeat(num_images // image_latents.shape[0], 1, 1, 1)
+        if start == 0:
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            latents = self.scheduler.add_noise(image_latents, noise, timesteps[start : start + 1])
+
+        time_ids = self._time_ids(size, cond.pooled.shape[-1], num_images, device, dtype)
+        added_cond = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        nine_channels = self.unet.config.in_channels == 9
+        keep = 1.0 - lmask
+
+        result = latents
+        for i in range(start, stop):
+            t = timesteps[i]
+            model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            scaled = model_input[:num_images]
+            if nine_channels:
+                model_input = torch.cat([model_input, mask_c, masked_c], dim=1)
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=cond.embeds,
+                cross_attention_kwargs=self.cross_attention_kwargs,
+                added_cond_kwargs=added_cond,
+                return_dict=False,
+            )[0]
+            if self.do_classifier_free_guidance:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + self.guidance_scale * (text - uncond)
+                if self.guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=self.guidance_rescale)
+            out = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=True)
+            latents = out.prev_sample.to(dtype)
+
+            if i == stop - 1 and stop < num_inference_steps:
+                # switch: x₀ of this step, Eq. 5 at t = 0 (clean latent outside the mask)
+                x0 = self._predict_x0(out, scaled, noise_pred, t).to(dtype)
+                result = keep * image_latents + lmask * x0 if blend else x0
+            elif blend:
+                # Eq. 5 (LCG) / Eq. 6 (GCH): known region = stage image noised to the next level
+                if i + 1 < num_inference_steps:
+                    target = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                else:
+                    target = image_latents
+                latents = keep * target + lmask * latents
+
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {"latents": latents, "stage": stage}) or {}
+                latents = outputs.pop("latents", latents)
+            progress_bar.update()
+        if stop == num_inference_steps:
+            result = latents
+        return result
+
+    # ------------------------------------------------------------------ main entry
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image | np.ndarray,
+        mask_image: PIL.Image.Image | np.ndarray,
+        prompt: str,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        lambda_: float = 0.7,
+        eliminate: Sequence[str] | None = None,
+        tas_stages: Sequence[str] = STAGES,
+        identifier: str = IDENTIFIER,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        resolution: int | None = None,
+        crop_scale: float = 1.15,
+        min_crop_frac: float = 0.5,
+        blend: bool = True,
+        feather_radius: int | None = None,
+        guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ) -> DreamMixPipelineOutput | tuple:
+        """Inpaint ``mask_image`` (1 = fill) of ``image`` following ``prompt``.
+
+        Args:
+            lambda_: share of the T steps run as LCG (first ``round(λ·T)`` steps); 1 = LCG only,
+                0 = GCH only (plain SDXL inpainting of the whole image).
+            eliminate: attribute words whose direction TAS removes from the prompt (Eq. 9); the
+                prompt must then contain ``identifier``. Empty/None = no TAS.
+            tas_stages: where the decomposed embedding is used: ``("local", "global")`` (paper) or
+                ``("local",)`` (public reference code).
+            resolution: model side in pixels (default: the UNet's sample size × VAE factor).
+            crop_scale, min_crop_frac: the LCG crop m' (see :func:`dreammix.crop.lcg_crop_box`).
+            blend: latent blending of Eq. 5/6 (off = the model's own inpainting, diffusers' behaviour).
+            feather_radius: pixels of the paste feathering at the input's size (default: half a
+                latent cell, ``vae_scale_factor/2 × input/processing size``).
+            output_type: ``"pil"`` or ``"latent"`` (final stage latents, for tests/chaining).
+        """
+        # 1. Normalise and check inputs (one-line DreamMixError on anything wrong)
+        x = _as_rgb_array(image)
+        mask = _as_binary_mask(mask_image)
+        eliminate = clean_eliminate_words(eliminate, identifier)
+        tas_stages = tuple(tas_stages or ())
+        self.check_inputs(
+            x, mask, prompt, num_inference_steps, guidance_scale, lambda_, num_images_per_prompt,
+            output_type, eliminate, tas_stages, identifier, generator, feather_radius,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._clip_skip = None
+        self._denoising_start = self._denoising_end = None
+        self._interrupt = False
+        self._num_timesteps = num_inference_steps
+
+        device = self._execution_device
+        dtype = self.unet.dtype
+        if self.vae.dtype == torch.float16 and self.vae.config.force_upcast:
+            self.vae.to(dtype=torch.float32)  # fp16 SDXL VAE overflows; once, not per call
+        height, width = mask.shape
+        resolution = resolution or self.unet.config.sample_size * self.vae_scale_factor
+        multiple = self._size_multiple()
+        n = num_images_per_prompt
+
+        # 2. Split the schedule: k LCG steps, T − k GCH steps
+        k = split_steps(lambda_, num_inference_steps)
+
+        # 3. Encode the prompt once (+ TAS decomposition)
+        conds = self._encode_conditions(prompt, negative_prompt, eliminate, tas_stages, n, device, dtype)
+
+        # 4. Sizes and feathering at the input's own aspect ratio
+        full_size = processing_size(width, height, resolution, multiple)
+        if feather_radius is None:
+            ratio = max(width / full_size[0], height / full_size[1])
+            feather_radius = max(1, int(math.ceil(self.vae_scale_factor * ratio / 2)))
+        alpha = feather(mask, feather_radius)
+        x_pil = PIL.Image.fromarray(x)
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            common = dict(
+                num_inference_steps=num_inference_steps, num_images=n, generator=generator, blend=blend,
+                device=device, dtype=dtype, eta=eta, callback_on_step_end=callback_on_step_end,
+                progress_bar=progress_bar,
+            )  # fmt: skip
+
+            # 5. LCG (Eq. 3–5) on the enlarged crop m', pasted back → x^G
+            box: Box | None = None
+            x_g = [x] * n
+            if k > 0:
+                box = lcg_crop_box(mask, crop_scale, min_crop_frac)
+                crop_size = processing_size(box.width, box.height, resolution, multiple)
+                crop_mask = resize_mask(mask[box.slices()], crop_size)
+                latents = self._denoise_stage(
+                    stage="local", images=[x_pil.crop(box.as_tuple())], mask=crop_mask, size=crop_size,
+                    start=0, stop=k, cond=conds["local"], **common,
+                )  # fmt: skip
+                if k == num_inference_steps and output_type == "latent":
+                    return self._finish(latents, None, box, k, return_dict)
+                patches = self._vae_decode(latents)
+                x_g = [paste(x, np.asarray(_resize(p, (box.width, box.height))), box, alpha) for p in patches]
+
+            # 6. GCH (Eq. 6) on the whole x^G, remaining steps of the same schedule
+            if k < num_inference_steps:
+                stage_images = [x_pil] if k == 0 else [PIL.Image.fromarray(a) for a in x_g]
+                latents = self._denoise_stage(
+                    stage="global", images=stage_images, mask=resize_mask(mask, full_size), size=full_size,
+                    start=k, stop=num_inference_steps, cond=conds["global"], **common,
+                )  # fmt: skip
+                if output_type == "latent":
+                    return self._finish(latents, None, box, k, return_dict)
+                generated = self._vae_decode(latents)
+                finals = [composite(x, np.asarray(_resize(g, (width, height))), alpha) for g in generated]
+            else:
+                finals = x_g
+
+        # 7. Outputs at the input's size
+        images = [PIL.Image.fromarray(f) for f in finals]
+        lcg_images = [PIL.Image.fromarray(a) for a in x_g] if k > 0 else None
+        return self._finish(images, lcg_images, box, k, return_dict)
+
+    def _finish(self, images, lcg_images, box: Box | None, k: int, return_dict: bool):
+        self.maybe_free_model_hooks()
+        crop = box.as_tuple() if box is not None else None
+        if not return_dict:
+            return (images, lcg_images, crop, k)
+        return DreamMixPipelineOutput(images=images, lcg_images=lcg_images, crop_box=crop, lcg_steps=k)
+
+
+def _resize(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """LANCZOS resize, skipped when the size already matches (keeps pixels exact)."""
+    return image if image.size == tuple(size) else image.resize(tuple(size), PIL.Image.LANCZOS)

@@ -1,0 +1,405 @@
+"""Benchmark metrics against hand computations, on tiny random models of the real classes.
+
+CLIP and DINO use tiny random ``CLIPModel`` / ``ViTModel`` saved and reloaded through
+``from_pretrained`` (the production path); FID uses torch-fidelity's statistics and Fréchet
+distance, checked against closed forms and an eigen-decomposition computed here, plus a random
+InceptionV3 state dict loaded from a local file (no download).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreammix.errors import DreamMixError
+from dreammix.metrics.clip import ClipScorer, projected_embeds, strip_identifier
+from dreammix.metrics.common import FeatureCache, crop_region, mean_cosine, square_box
+from dreammix.metrics.dino import IMAGENET_MEAN, IMAGENET_STD, DinoScorer
+from dreammix.metrics.fid import (
+    InceptionExtractor,
+    compute_fid,
+    feature_statistics,
+    fid_from_config,
+    frechet_distance,
+    reference_statistics,
+)
+from dreammix.metrics.suite import SCORE_KEYS, MetricSuite
+from dreammix.metrics.tiny import ensure_tiny_clip, ensure_tiny_dino
+
+
+def random_image(seed: int, size=(48, 40)) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-metrics")
+    return ensure_tiny_clip(root / "clip"), ensure_tiny_dino(root / "dino")
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dirs):
+    return ClipScorer.from_pretrained(str(tiny_dirs[0]), device="cpu", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def dino(tiny_dirs):
+    return DinoScorer.from_pretrained(str(tiny_dirs[1]), resize=36, crop=32, device="cpu", batch_size=2)
+
+
+@pytest.fixture
+def reference_files(tmp_path):
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"ref{i}.png"
+        random_image(100 + i, (40 + 8 * i, 44)).save(path)
+        paths.append(path)
+    return paths
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_strip_identifier():
+    assert strip_identifier("a sks red can") == "a red can"
+    assert strip_identifier("a photo of sks dog") == "a photo of dog"
+    assert strip_identifier("Sks can, sks") == "can,"
+    assert strip_identifier("a sksx can") == "a sksx can"  # whole words only
+
+
+def test_square_box_hand_cases():
+    assert square_box((10, 20, 30, 60), 100, 100) == (0, 20, 40, 60)  # 40x40 square, shifted in at the left
+    assert square_box((40, 40, 60, 50), 100, 100) == (40, 35, 60, 55)  # centred
+    assert square_box((90, 0, 100, 30), 100, 100) == (70, 0, 100, 30)  # shifted in at the right
+    assert square_box((0, 0, 100, 20), 100, 50) == (0, 0, 100, 50)  # taller than the image: clipped
+    image = random_image(0, (100, 100))
+    assert crop_region(image, (40, 40, 60, 50)).size == (20, 20)
+    with pytest.raises(DreamMixError):
+        square_box((5, 5, 5, 9), 10, 10)
+
+
+def test_mean_cosine_hand():
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    refs = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    expected = [(1 + 1 / np.sqrt(2)) / 2, (0 + 1 / np.sqrt(2)) / 2]
+    assert torch.allclose(mean_cosine(features, refs), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_projected_embeds_accepts_tensor_and_model_outputs():
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+    x = torch.randn(2, 4)
+    assert projected_embeds(x, "image") is x
+    assert projected_embeds(BaseModelOutputWithPooling(last_hidden_state=torch.zeros(2, 3, 4), pooler_output=x), "image") is x
+    assert projected_embeds(CLIPVisionModelOutput(image_embeds=x), "image") is x
+    with pytest.raises(TypeError):
+        projected_embeds(object(), "image")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP
+# ------------------------------------------------------------------------------------------------
+
+
+def test_clip_identical_images_score_one(clip, reference_files):
+    image = Image.open(reference_files[0]).convert("RGB")
+    assert clip.clip_i([image], reference_files[:1]).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clip_i_and_clip_t_match_a_hand_computation(clip, tiny_dirs, reference_files):
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(str(tiny_dirs[0])).eval()
+    processor = CLIPImageProcessor.from_pretrained(str(tiny_dirs[0]))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_dirs[0]))
+    images = [random_image(1), random_image(2, (30, 60))]
+    refs = [Image.open(p).convert("RGB") for p in reference_files]
+
+    def image_vec(im):
+        with torch.no_grad():
+            out = model.vision_model(pixel_values=processor(images=[im], return_tensors="pt")["pixel_values"])
+            return model.visual_projection(out.pooler_output)[0].numpy()
+
+    def text_vec(text):
+        with torch.no_grad():
+            ids = tokenizer([text], return_tensors="pt")
+            out = model.text_model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+            return model.text_projection(out.pooler_output)[0].numpy()
+
+    expected_i = [np.mean([cosine(image_vec(im), image_vec(r)) for r in refs]) for im in images]
+    got_i = clip.clip_i(images, reference_files)
+    assert got_i.numpy() == pytest.approx(expected_i, abs=1e-5)
+
+    prompts = ["a sks red can", "a photo of sks dog"]
+    expected_t = [cosine(image_vec(im), text_vec(t)) for im, t in zip(images, ["a red can", "a photo of dog"])]
+    assert clip.clip_t(images, prompts).numpy() == pytest.approx(expected_t, abs=1e-5)
+    # Raw cosine: may be negative, never rescaled.
+    assert all(-1.0 <= v <= 1.0 for v in expected_t)
+    with pytest.raises(DreamMixError, match="prompts"):
+        clip.clip_t(images, prompts[:1])
+
+
+def test_reference_features_are_cached_per_image(tiny_dirs, reference_files, tmp_path):
+    cache_dir = tmp_path / "cache"
+    scorer = ClipScorer.from_pretrained(str(tiny_dirs[0]), device="cpu", cache_dir=cache_dir)
+    calls = []
+    original = scorer.encode_images
+
+    def counting(images):
+        calls.append(len(images))
+        return original(images)
+
+    scorer.encode_images = counting
+    first = scorer.reference_features(reference_files)
+    second = scorer.reference_features(reference_files[::-1])
+    assert calls == [3]  # one batched computation, then memory hits
+    assert torch.equal(second, first.flip(0))
+    files = list(cache_dir.rglob("*.npy"))
+    assert len(files) == 3
+    # A new scorer (new process) reads the disk cache; a changed file is recomputed.
+    fresh = ClipScorer.from_pretrained(str(tiny_dirs[0]), device="cpu", cache_dir=cache_dir)
+    fresh_calls = []
+    fresh_original = fresh.encode_images
+    fresh.encode_images = lambda ims: (fresh_calls.append(len(ims)), fresh_original(ims))[1]
+    assert torch.allclose(fresh.reference_features(reference_files), first)
+    assert fresh_calls == [] and fresh.cache.hits == 3
+    random_image(999).save(reference_files[1])
+    fresh.reference_features(reference_files)
+    assert fresh_calls == [1]
+    with pytest.raises(DreamMixError, match="not found"):
+        fresh.reference_features([tmp_path / "missing.png"])
+
+
+def test_feature_cache_keys_on_model(tmp_path, reference_files):
+    a = FeatureCache("model-a", tmp_path)
+    b = FeatureCache("model-b", tmp_path)
+    a.features(reference_files[:1], lambda paths: torch.ones(len(paths), 2))
+    assert torch.equal(b.features(reference_files[:1], lambda paths: torch.zeros(len(paths), 2)), torch.zeros(1, 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# DINO
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dino_identical_images_score_one(dino, reference_files):
+    image = Image.open(reference_files[2]).convert("RGB")
+    assert dino.dino([image], reference_files[2:]).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dino_matches_a_hand_computation(dino, tiny_dirs, reference_files):
+    from transformers import ViTModel
+
+    model = ViTModel.from_pretrained(str(tiny_dirs[1]), add_pooling_layer=False).eval()
+
+    def preprocess(im: Image.Image) -> torch.Tensor:
+        # Shorter side to 36 (the longer one scaled and truncated, as torchvision does), bicubic;
+        # centre crop 32; ImageNet normalisation.
+        w, h = im.size
+        size = (36, int(36 * h / w)) if w <= h else (int(36 * w / h), 36)
+        im = im.resize(size, Image.BICUBIC)
+        left, top = int(round((im.width - 32) / 2.0)), int(round((im.height - 32) / 2.0))
+        arr = np.asarray(im.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255.0
+        arr = (arr - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    def cls(im):
+        with torch.no_grad():
+            return model(pixel_values=preprocess(im)[None]).last_hidden_state[0, 0].numpy()
+
+    images = [random_image(5, (64, 48)), random_image(6, (48, 48))]
+    refs = [Image.open(p).convert("RGB") for p in reference_files]
+    expected = [np.mean([cosine(cls(im), cls(r)) for r in refs]) for im in images]
+    assert dino.dino(images, reference_files).numpy() == pytest.approx(expected, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Crop + full scores together
+# ------------------------------------------------------------------------------------------------
+
+
+def test_metric_suite_scores_crop_and_full(clip, dino, reference_files):
+    suite = MetricSuite(clip=clip, dino=dino)
+    reference = Image.open(reference_files[0]).convert("RGB")
+    w, h = reference.size
+    scores = suite.score(
+        [reference, random_image(3)], [(0, 0, w, h), (5, 5, 20, 30)], ["a sks can", "a red sks can"], reference_files[:1]
+    )
+    assert [set(s) for s in scores] == [set(SCORE_KEYS)] * 2
+    # The generated image *is* the reference: full-image CLIP-I and DINO are 1.
+    assert scores[0]["clip_i_full"] == pytest.approx(1.0, abs=1e-5)
+    assert scores[0]["dino_full"] == pytest.approx(1.0, abs=1e-5)
+    crop = crop_region(random_image(3), (5, 5, 20, 30))
+    assert scores[1]["clip_i"] == pytest.approx(clip.clip_i([crop], reference_files[:1]).item(), abs=1e-5)
+    assert scores[1]["clip_t"] == pytest.approx(clip.clip_t([crop], ["a red can"], identifier="").item(), abs=1e-5)
+
+
+def test_metric_suite_from_tiny_config(tmp_path, compose, reference_files):
+    """``metrics=tiny`` composes over the defaults and builds its models on first use."""
+    cfg = compose("build_benchmark", ["+metrics=tiny", f"paths.cache_dir={tmp_path}", "metrics.device=cpu"])
+    assert cfg.metrics.clip.model == f"{tmp_path}/tiny-clip" and cfg.metrics.fid.image_size == 299
+    suite = MetricSuite.from_config(cfg.metrics)
+    image = Image.open(reference_files[0]).convert("RGB")
+    (score,) = suite.score([image], [(0, 0, image.width, image.height)], ["a sks can"], reference_files[:1])
+    assert score["dino_full"] == pytest.approx(1.0, abs=1e-5)
+    assert list((tmp_path / "metrics").rglob("*.npy"))  # reference features cached on disk
+    with pytest.raises(DreamMixError, match="cannot load CLIP"):
+        ClipScorer.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# FID
+# ------------------------------------------------------------------------------------------------
+
+
+def hand_fid(x: np.ndarray, y: np.ndarray) -> float:
+    """FID via symmetric square roots: Tr sqrt(S1 S2) = Tr sqrt(sqrt(S1) S2 sqrt(S1))."""
+
+    def sqrt_psd(m):
+        vals, vecs = np.linalg.eigh(m)
+        return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    r = sqrt_psd(s1)
+    inner = np.linalg.eigvalsh(r @ s2 @ r)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def test_frechet_distance_hand_computations():
+    rng = np.random.RandomState(0)
+    x = rng.randn(200, 6) @ rng.randn(6, 6)
+    y = rng.randn(150, 6) * 2.0 + 1.0
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert frechet_distance(x, y) == pytest.approx(hand_fid(x, y), rel=1e-8)
+    # y = a x + b (a > 0): mu_y = a mu_x + b, S_y = a^2 S_x, Tr sqrt(S_x S_y) = a Tr S_x, so
+    # FID = |(a - 1) mu_x + b|^2 + (1 - a)^2 Tr(S_x), exactly.
+    a, b = 3.0, 0.5
+    shift = (a - 1) * x.mean(0) + b
+    expected = shift @ shift + (1 - a) ** 2 * np.trace(np.cov(x, rowvar=False))
+    assert frechet_distance(x, a * x + b) == pytest.approx(expected, rel=1e-8)
+    stats = feature_statistics(x)
+    assert stats["mu"].shape == (6,) and stats["sigma"].shape == (6, 6)
+    with pytest.raises(DreamMixError, match="at least 2"):
+        frechet_distance(x[:1], x)
+
+
+class ColorStats:
+    """A tiny FID feature extractor: per-channel mean and std of the uint8 image (6-d)."""
+
+    name = "color-stats"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.dtype == torch.uint8
+        self.calls += 1
+        x = images.float() / 255.0
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def write_images(folder, seeds, sizes):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, size in zip(seeds, sizes):
+        random_image(seed, size).save(folder / f"{seed:03d}.png")
+    return folder
+
+
+def test_fid_of_folders_with_a_tiny_extractor(tmp_path, compose):
+    gen = write_images(tmp_path / "gen", range(6), [(64, 48), (40, 40), (30, 70), (64, 64), (50, 20), (33, 44)])
+    ref = write_images(tmp_path / "ref", range(10, 18), [(64, 48)] * 8)
+    extractor = ColorStats()
+    assert compute_fid(gen, gen, extractor, image_size=32, device="cpu") == pytest.approx(0.0, abs=1e-9)
+
+    # Hand computation: the same features by hand (PIL bicubic to 32x32, whole image).
+    def feats(folder):
+        rows = []
+        for path in sorted(folder.glob("*.png")):
+            arr = np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BICUBIC), dtype=np.float64) / 255.0
+            rows.append(np.concatenate([arr.mean((0, 1)), arr.std((0, 1), ddof=1)]))
+        return np.array(rows)
+
+    cache = tmp_path / "fid-cache"
+    got = compute_fid(gen, ref, extractor, image_size=32, batch_size=4, device="cpu", cache_dir=cache)
+    assert got == pytest.approx(hand_fid(feats(gen), feats(ref)), rel=1e-4)
+    # The reference statistics were cached (.npz) and are reused without extracting again.
+    assert len(list(cache.glob("ref-*.npz"))) == 1
+    calls = extractor.calls
+    again = compute_fid(gen, ref, extractor, image_size=32, batch_size=4, device="cpu", cache_dir=cache)
+    assert again == pytest.approx(got, rel=1e-12)
+    assert extractor.calls - calls == 2  # only the generated set (6 images, batches of 4)
+    limited = reference_statistics(ref, extractor, image_size=32, device="cpu", limit=3, seed=0)
+    assert limited["mu"].shape == (6,)
+    with pytest.raises(DreamMixError, match="not found"):
+        compute_fid(tmp_path / "nope", ref, extractor, device="cpu")
+    # Through the config (decoding in a worker process); the default Inception file is checked.
+    cfg = compose(
+        "build_benchmark",
+        ["+metrics=default", f"metrics.fid.reference_dir={ref}", "metrics.fid.image_size=32", "metrics.fid.cache_dir=null",
+         "metrics.fid.num_workers=1", "metrics.device=cpu", f"paths.data_dir={tmp_path}/data"],
+    )
+    assert fid_from_config(cfg.metrics, gen, extractor=ColorStats()) == pytest.approx(got, rel=1e-9)
+    with pytest.raises(DreamMixError, match="Inception weights not found"):
+        fid_from_config(cfg.metrics, gen)
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A random InceptionV3 state dict in torch-fidelity's layout, saved like the real file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    cls = inception.FeatureExtractorInceptionV3
+    mp = pytest.MonkeyPatch()
+    mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})  # never download
+    mp.setattr(cls, "load_state_dict", lambda self, *a, **k: None)
+    try:
+        torch.manual_seed(0)
+        state = cls("inception-v3-compat", ["64"]).state_dict()
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "weights.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_inception_fid_matches_torch_fidelity(tmp_path, random_inception_weights):
+    """Our FID = torch_fidelity.calculate_metrics on the same (299x299) images and weights."""
+    import torch_fidelity
+
+    a = write_images(tmp_path / "a", range(3), [(299, 299)] * 3)
+    b = write_images(tmp_path / "b", range(20, 23), [(299, 299)] * 3)
+    extractor = InceptionExtractor(random_inception_weights, device="cpu", feature_layer="64")
+    assert compute_fid(a, a, extractor, device="cpu") == pytest.approx(0.0, abs=1e-6)
+    ours = compute_fid(a, b, extractor, device="cpu")
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(a), input2=str(b), fid=True, cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+        feature_extractor_weights_path=str(random_inception_weights), feature_layer_fid="64",
+    )["frechet_inception_distance"]
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_inception_weights_are_checked(tmp_path):
+    with pytest.raises(DreamMixError, match="not found"):
+        InceptionExtractor(tmp_path / "missing.pth", device="cpu")
+    evil = tmp_path / "evil.pth"
+    with evil.open("wb") as handle:
+        pickle.dump({"x": print}, handle, protocol=2)  # an arbitrary global: refused by weights_only
+    with pytest.raises(DreamMixError, match="not a plain PyTorch state dict"):
+        InceptionExtractor(evil, device="cpu")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(DreamMixError, match="do not fit"):
+        InceptionExtractor(wrong, device="cpu")
