@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-all clean
+.PHONY: install test test-all data benchmark-data perf perf-gpu clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,23 @@ test: install
 # Everything, including tests marked `slow`.
 test-all: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ''
+
+# DreamBooth + COCO val2017 (+ test2017 for FID, Inception weights) into data/, checksummed, resumable.
+# Standard library only: works before `make install`.
+data:
+	$(PYTHON) scripts/download_data.py
+
+# The §4.1 benchmark (COCO backgrounds x 30 subjects) into data/benchmark/.
+benchmark-data: install
+	$(PY) src/build_benchmark.py
+
+# Performance report (ours vs same-run baselines) into outputs/perf/: tiny model on CPU ...
+perf: install
+	HF_HUB_OFFLINE=1 $(PY) -m dreammix.perf --model tiny --out outputs/perf
+
+# ... and the real SDXL architectures (random weights) on a CUDA GPU.
+perf-gpu: install
+	HF_HUB_OFFLINE=1 $(PY) -m dreammix.perf --model sdxl_arch --out outputs/perf-gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache
