@@ -137,10 +137,13 @@ def test_encode_examples_shapes_and_variants(tmp_path, tiny_pipe):
 
 
 def test_step_indexed_sampler_is_resumable_and_reshuffles():
-    full = list(StepIndexedSampler(5, 2, num_batches=10, seed=3))
-    assert len(full) == 20
-    assert sorted(full[:5]) == list(range(5)) and full[:5] != full[5:10]
-    resumed = list(StepIndexedSampler(5, 2, num_batches=10, seed=3, start_batch=4))
+    import itertools
+
+    full = list(itertools.islice(StepIndexedSampler(5, 2, seed=3), 20))
+    assert [p for p, _ in full] == list(range(20))
+    items = [i for _, i in full]
+    assert sorted(items[:5]) == list(range(5)) and items[:5] != items[5:10]
+    resumed = list(itertools.islice(StepIndexedSampler(5, 2, seed=3, start_batch=4), 12))
     assert resumed == full[8:]
 
 
@@ -148,23 +151,25 @@ def test_datamodule_batches_hold_source_and_regular(tmp_path, tiny_pipe):
     subject = make_subject(tmp_path / "s", n=2)
     reg = make_regular(tmp_path / "reg", n=3)
     spec = DataSpec(source_prompt="a photo of sks thing", regular_dir=str(reg), batch_size=2, regular_batch_size=1, mask_variants=2)
-    dm = DreamMixDataModule(subject, spec, FrozenInputEncoder(tiny_pipe), 64, use_regular=True, num_batches=3)
+    dm = DreamMixDataModule(subject, spec, FrozenInputEncoder(tiny_pipe), 64, use_regular=True)
     dm.setup("fit")
     assert len(dm.source) == 4 and len(dm.regular) == 3
-    batches = list(dm.train_dataloader())
-    assert len(batches) == 3
-    batch = batches[0][0] if isinstance(batches[0], tuple) else batches[0]
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(3)]
+    batch = batches[1][0] if isinstance(batches[1], tuple) else batches[1]
     assert batch["source"]["latents"].shape == (2, 4, 8, 8)
+    assert batch["source"]["position"].tolist() == [2, 3]  # stream positions, for exact resume
     assert batch["regular"]["prompt_embeds"].shape == (1, 77, 64)
+    assert batch["regular"]["position"].tolist() == [1]
 
 
 def test_datamodule_without_regular_data_warns_or_errors(tmp_path, tiny_pipe):
     subject = make_subject(tmp_path / "s", n=1)
     spec = DataSpec(source_prompt="p", regular_dir=str(tmp_path / "none"), mask_variants=1)
-    dm = DreamMixDataModule(subject, spec, FrozenInputEncoder(tiny_pipe), 64, use_regular=True, num_batches=1)
+    dm = DreamMixDataModule(subject, spec, FrozenInputEncoder(tiny_pipe), 64, use_regular=True)
     with pytest.warns(UserWarning, match="no regular data"):
         dm.setup("fit")
     assert dm.regular is None
     strict = DataSpec(source_prompt="p", regular_dir=str(tmp_path / "none"), mask_variants=1, require_regular=True)
     with pytest.raises(DreamMixError, match="python src/adm.py"):
-        DreamMixDataModule(subject, strict, FrozenInputEncoder(tiny_pipe), 64, use_regular=True, num_batches=1).setup("fit")
+        DreamMixDataModule(subject, strict, FrozenInputEncoder(tiny_pipe), 64, use_regular=True).setup("fit")

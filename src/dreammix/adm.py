@@ -494,7 +494,7 @@ def run_adm(cfg) -> Path:
 
 def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
     from dreammix.data.images import list_images
-    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline, resolve_dtype
+    from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
 
     adm = cfg.adm
     background_files: list[Path] = []
@@ -502,9 +502,9 @@ def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
         background_files = list_images(adm.background_dir)
         if not background_files:
             raise DreamMixError("no images in the background folder", "adm.background_dir")
-    spec = ModelSpec.from_config(cfg.model)
+    spec = model_spec_from_config(cfg.model)
     device = resolve_device(adm.device)
-    pipe = load_inpaint_pipeline(spec, resolve_dtype(spec.weight_dtype, device))
+    pipe = load_pipeline(spec, resolve_dtype(spec.weight_dtype, device))
     pipe.to(device)
     generate_regular_set(
         pipe,

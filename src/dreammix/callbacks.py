@@ -82,7 +82,9 @@ class SampleGridCallback(L.Callback):
         self._last_step = step
         was_training = pl_module.training
         pl_module.eval()
+        vae_dtype = self.pipe.vae.dtype
         grid = self.render(pl_module.device)
+        self.pipe.vae.to(dtype=vae_dtype)  # diffusers' VAE encode may leave it in the UNet's dtype
         pl_module.train(was_training)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         grid.save(self.out_dir / f"step_{step:06d}.png")

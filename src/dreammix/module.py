@@ -92,6 +92,7 @@ class DreamMixLoRAModule(L.LightningModule):
         self.noise_scheduler = noise_scheduler
         self.lora_spec, self.loss_spec, self.optim_spec = lora, loss, optim
         self.seed = seed
+        torch.manual_seed(seed)  # LoRA init must not depend on what consumed the global RNG before
         self.lora_params = add_lora(unet, lora)
         trainable = [n for n, p in self.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable), f"non-LoRA parameters would train: {trainable[:3]}"
@@ -101,10 +102,11 @@ class DreamMixLoRAModule(L.LightningModule):
         self.strict_loading = False
 
     # -- training ---------------------------------------------------------------------------
-    def _step_generator(self) -> torch.Generator:
-        """Noise and timesteps are a function of (seed, step): resumed runs repeat them exactly."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed * 1_000_003 + self.global_step)
+    def _batch_generator(self, batch_number: int, device: torch.device) -> torch.Generator:
+        """Noise and timesteps are a function of (seed, micro-batch number in the data stream):
+        resumed runs repeat them exactly, and micro-batches of one accumulation window differ."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed * 1_000_003 + batch_number)
         return gen
 
     def _noise_and_target(self, latents: torch.Tensor, generator: torch.Generator):
@@ -121,37 +123,56 @@ class DreamMixLoRAModule(L.LightningModule):
             raise DreamMixError(f"unsupported prediction_type {prediction_type!r}", "model scheduler config")
         return noisy, t, target
 
-    def _batch_parts(self, batch: dict) -> tuple[dict, dict | None]:
+    def _batch_parts(self, batch: dict, batch_number: int) -> tuple[dict | None, dict | None]:
+        """(source part, regular part) of this step; either may be absent."""
         source, regular = batch["source"], batch.get("regular")
         if regular is None or self.loss_spec.beta == 0:
             return source, None
         if self.loss_spec.regular_mode == "sampled":
             # Reference-code behaviour: a whole step is regular with probability regular_prob.
-            draw = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 7919 + self.global_step))
-            return (regular, None) if draw < self.loss_spec.regular_prob else (source, None)
+            draw = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 7919 + batch_number))
+            return (None, regular) if draw < self.loss_spec.regular_prob else (source, None)
         return source, regular
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        source, regular = self._batch_parts(batch)
-        parts = [source] if regular is None else [source, regular]
-        joined = {k: torch.cat([p[k] for p in parts]) for k in source}  # one UNet call for both sets
-        noisy, t, target = self._noise_and_target(joined["latents"], self._step_generator())
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Eq. 7 on each part and Eq. 8 on the sum, from one UNet call over both parts.
+
+        Returns ``loss`` and whichever of ``loss_source`` / ``loss_regular`` this step has. In
+        ``sampled`` mode a step is one kind only and ``loss`` is that kind's loss (no beta).
+        """
+        first = batch["source"]
+        batch_number = int(first["position"][0]) // first["latents"].shape[0]
+        source, regular = self._batch_parts(batch, batch_number)
+        parts = [p for p in (source, regular) if p is not None]
+        joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "position"}
+        latents = joined["latents"]
+        noisy, t, target = self._noise_and_target(latents, self._batch_generator(batch_number, latents.device))
         pred = inpaint_unet_forward(
             self.unet, noisy, t, joined["mask"], joined["masked_latents"],
             joined["prompt_embeds"], joined["pooled_embeds"], joined["time_ids"],
         )
-        n_src = source["latents"].shape[0]
         tau = (self.loss_spec.tau_in, self.loss_spec.tau_out)
-        loss_source = reweighted_mse(pred[:n_src], target[:n_src], joined["mask"][:n_src], *tau)
-        loss_regular = reweighted_mse(pred[n_src:], target[n_src:], joined["mask"][n_src:], *tau) if regular else None
-        loss = dual_dataset_loss(loss_source, loss_regular, self.loss_spec.beta)
-        bs = joined["latents"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/loss_source", loss_source, batch_size=bs)
-        if loss_regular is not None:
-            self.log("train/loss_regular", loss_regular, batch_size=bs)
+        out, start = {}, 0
+        for name, part in (("loss_source", source), ("loss_regular", regular)):
+            if part is not None:
+                end = start + part["latents"].shape[0]
+                out[name] = reweighted_mse(pred[start:end], target[start:end], joined["mask"][start:end], *tau)
+                start = end
+        if "loss_source" in out:
+            out["loss"] = dual_dataset_loss(out["loss_source"], out.get("loss_regular"), self.loss_spec.beta)
+        else:
+            out["loss"] = out["loss_regular"]
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        bs = sum(part["latents"].shape[0] for part in batch.values())
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        for name in ("loss_source", "loss_regular"):
+            if name in losses:
+                self.log(f"train/{name}", losses[name], batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        return loss
+        return losses["loss"]
 
     def configure_optimizers(self):
         spec = self.optim_spec
@@ -171,5 +192,7 @@ class DreamMixLoRAModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("dreammix_lora")
-        if saved and (saved["rank"] != self.lora_spec.rank or saved["target_modules"] != list(self.lora_spec.target_modules)):
+        configured = {"rank": self.lora_spec.rank, "alpha": self.lora_spec.alpha,
+                      "target_modules": list(self.lora_spec.target_modules)}
+        if saved and any(saved.get(k) != v for k, v in configured.items()):
             raise DreamMixError(f"checkpoint LoRA {saved} does not match the configured LoRA", "ckpt_path / lora.*")

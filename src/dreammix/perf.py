@@ -234,7 +234,6 @@ def lightning_training(spec: RunSpec, steps: int, warmup: int) -> dict:
     datamodule = DreamMixDataModule(
         subject=None, spec=DataSpec(source_prompt="a photo of sks can", batch_size=spec.batch, mask_variants=1),
         encoder=FrozenInputEncoder(pipe, spec.device), resolution=spec.resolution, use_regular=False,
-        num_batches=warmup + steps + 1,
     )
     datamodule.source = _cached_set(pipe, spec)  # encoded up front, exactly like train()
     module = DreamMixLoRAModule(

@@ -103,10 +103,10 @@ def train(cfg: DictConfig) -> Path:
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
     encoder = FrozenInputEncoder(pipe, device)
-    accumulate = config_value(cfg, "trainer.accumulate_grad_batches", int)
+    config_value(cfg, "trainer.accumulate_grad_batches", int)  # checked here; Lightning applies it
     datamodule = DreamMixDataModule(
         subject, data_spec, encoder, model_spec.resolution,
-        use_regular=loss_spec.beta > 0, num_batches=max_steps * accumulate, seed=int(cfg.seed),
+        use_regular=loss_spec.beta > 0, seed=int(cfg.seed),
     )
     datamodule.setup("fit")
 

@@ -1,7 +1,11 @@
 """Lightning datamodule: the encoded source set and regular set, one batch of each per step.
 
-Batches are a pure function of ``(seed, step)`` (:class:`StepIndexedSampler`), so a run resumed
-from a checkpoint at step k sees exactly the batches an uninterrupted run sees from step k on.
+Batches are a pure function of ``(seed, position in the stream)`` (:class:`StepIndexedSampler`),
+and every item carries its stream position. A run resumed at optimizer step k restarts the
+stream at position ``k * accumulate * batch_size``, so it sees exactly the batches (and, seeded by
+the position, the noise) an uninterrupted run sees from step k on. The stream is endless:
+``trainer.max_steps`` ends training, never an epoch boundary (Lightning cannot resume a plain
+DataLoader mid-epoch, and would replay batches if it tried).
 """
 
 from __future__ import annotations
@@ -22,30 +26,40 @@ from dreammix.data.subjects import Subject, load_source_examples
 from dreammix.errors import DreamMixError
 
 
-class StepIndexedSampler(Sampler[int]):
-    """Indices for batches ``start_batch, start_batch+1, ...`` of a seeded sequence of epochs.
+class StepIndexedSampler(Sampler[tuple[int, int]]):
+    """An endless stream of ``(position, item index)`` pairs, starting at batch ``start_batch``.
 
-    Position ``p`` of the stream is element ``p % n`` of permutation ``p // n`` (each a
-    ``randperm`` seeded by ``seed + epoch``): reshuffled every pass, reproducible from any step.
+    Position ``p`` is item ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a ``randperm``
+    seeded by ``seed + e``: reshuffled every pass over the data, reproducible from any position.
+    It has no length on purpose: the trainer stops at ``max_steps``.
     """
 
-    def __init__(self, num_items: int, batch_size: int, num_batches: int, seed: int, start_batch: int = 0):
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_batch: int = 0):
         if num_items < 1:
             raise ValueError("empty dataset")
-        self.num_items, self.batch_size = num_items, batch_size
-        self.num_batches, self.seed, self.start_batch = num_batches, seed, start_batch
-
-    def __len__(self) -> int:
-        return max(0, self.num_batches - self.start_batch) * self.batch_size
+        self.num_items, self.batch_size, self.seed, self.start_batch = num_items, batch_size, seed, start_batch
 
     def __iter__(self):
         perm_epoch, perm = -1, None
-        for pos in range(self.start_batch * self.batch_size, self.num_batches * self.batch_size):
+        pos = self.start_batch * self.batch_size
+        while True:
             epoch, offset = divmod(pos, self.num_items)
             if epoch != perm_epoch:
                 perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
                 perm_epoch = epoch
-            yield int(perm[offset])
+            yield pos, int(perm[offset])
+            pos += 1
+
+
+class PositionedItems(torch.utils.data.Dataset):
+    """Looks items up by the sampler's ``(position, index)`` and adds ``position`` to each."""
+
+    def __init__(self, dataset: CachedInpaintSet):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        position, index = key
+        return {**self.dataset[index], "position": torch.tensor(position)}
 
 
 @dataclass(frozen=True)
@@ -89,13 +103,11 @@ class DreamMixDataModule(L.LightningDataModule):
         encoder: FrozenInputEncoder,
         resolution: int,
         use_regular: bool,
-        num_batches: int,
         seed: int = 0,
     ):
         super().__init__()
         self.subject, self.spec, self.encoder = subject, spec, encoder
-        self.resolution, self.use_regular = resolution, use_regular
-        self.num_batches, self.seed = num_batches, seed
+        self.resolution, self.use_regular, self.seed = resolution, use_regular, seed
         self.source: CachedInpaintSet | None = None
         self.regular: CachedInpaintSet | None = None
 
@@ -131,11 +143,11 @@ class DreamMixDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: CachedInpaintSet, batch_size: int, seed: int) -> DataLoader:
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        sampler = StepIndexedSampler(len(dataset), batch_size, self.num_batches, seed, start_batch=start)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers, drop_last=False)
+        sampler = StepIndexedSampler(len(dataset), batch_size, seed, start_batch=start)
+        return DataLoader(PositionedItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers)
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {"source": self._loader(self.source, self.spec.batch_size, self.seed)}
         if self.regular is not None:
             loaders["regular"] = self._loader(self.regular, self.spec.regular_batch_size, self.seed + 1)
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        return CombinedLoader(loaders, mode="min_size")  # both endless: one batch of each per step

@@ -91,9 +91,13 @@ def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> P
             unet_lora_adapter_metadata=spec.to_peft().to_dict(),
             safe_serialization=True,
         )
+        # Move an older export aside before the rename, so a crash never leaves no LoRA at all.
+        previous = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(previous, ignore_errors=True)
         if directory.exists():
-            shutil.rmtree(directory)
+            os.replace(directory, previous)
         os.replace(staging, directory)
+        shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / LORA_WEIGHTS_NAME
