@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-all data benchmark-data perf perf-gpu clean
+.PHONY: install test test-all data benchmark-data benchmark perf perf-gpu clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ data:
 # The §4.1 benchmark (COCO backgrounds x 30 subjects) into data/benchmark/.
 benchmark-data: install
 	$(PY) src/build_benchmark.py
+
+# The whole reproduction (paper Tables 1 and 3): benchmark -> LoRAs (+ADM) -> generation -> scores ->
+# outputs/benchmark/table1.md, table3.md. BENCH=tiny: the same chain offline on CPU in under a
+# minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/.
+BENCH ?= full
+benchmark: install
+	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH)
 
 # Performance report (ours vs same-run baselines) into outputs/perf/: tiny model on CPU ...
 perf: install

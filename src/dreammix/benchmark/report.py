@@ -152,24 +152,24 @@ def table1_markdown(
         rmean = (real or {}).get("mean") or {}
         lines.append(
             "| Real images (ours) | " + " | ".join(_fmt(rmean.get(k)) for k in METRIC_TITLES)
-            + f" | {_fmt(real_fid, 1)} | {(real or {}).get('n', 0)} images |"
+            + f" | {_fmt(real_fid, 2)} | {(real or {}).get('n', 0)} images |"
         )  # fmt: skip
         published_real = paper.get("real_images")
         if published_real:
             lines.append(
                 "| Real images (paper) | " + " | ".join(_fmt(_paper_value(published_real, task, k)) for k in METRIC_TITLES)
-                + f" | {_fmt(_paper_value(published_real, task, 'fid'), 1)} | |"
+                + f" | {_fmt(_paper_value(published_real, task, 'fid'), 2)} | |"
             )  # fmt: skip
         entry = ((ours or {}).get("tasks") or {}).get(task) or {}
         mean = entry.get("mean") or {}
         lines.append(
             "| DreamMix (ours) | " + " | ".join(_fmt(mean.get(k)) for k in METRIC_TITLES)
-            + f" | {_fmt((fid or {}).get(task), 1)} | {entry.get('n', 0)} |"
+            + f" | {_fmt((fid or {}).get(task), 2)} | {entry.get('n', 0)} |"
         )  # fmt: skip
         published = paper.get("dreammix") or {}
         lines.append(
             "| DreamMix (paper) | " + " | ".join(_fmt(_paper_value(published, task, k)) for k in METRIC_TITLES)
-            + f" | {_fmt(_paper_value(published, task, 'fid'), 1)} | |"
+            + f" | {_fmt(_paper_value(published, task, 'fid'), 2)} | |"
         )  # fmt: skip
         lines.append("")
     return "\n".join(lines)
