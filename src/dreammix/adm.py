@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,9 @@ from dreammix.attributes import (
     offline_attributes,
     select_attributes_to_eliminate,
 )
+from dreammix.atomic import atomic_save_image, atomic_write_text
 from dreammix.errors import DreamMixError
-from dreammix.vlm import atomic_write_text, make_vlm_client
+from dreammix.vlm import make_vlm_client
 
 __all__ = [
     "MANIFEST_NAME",
@@ -167,22 +167,6 @@ def make_background(seed: int, size: tuple[int, int], files: Sequence[Path] = ()
 
 # ----------------------------------------------------------------------------------------------
 # Files
-
-
-def save_png_atomic(image: Image.Image, path: str | Path) -> None:
-    """Write a PNG through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def append_manifest(out_dir: str | Path, entry: Mapping[str, Any]) -> None:
@@ -313,8 +297,8 @@ def generate_regular_set(
                 image = image.convert("RGB")
                 if image.size != size:
                     image = image.resize(size, Image.BICUBIC)
-                save_png_atomic(image, out_dir / item.image)
-                save_png_atomic(mask, out_dir / item.mask)
+                atomic_save_image(image, out_dir / item.image)
+                atomic_save_image(mask, out_dir / item.mask)
                 append_manifest(out_dir, item.manifest_entry())
                 bar.update(1)
     finally:

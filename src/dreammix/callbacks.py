@@ -9,16 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def image_strip(images: list[Image.Image]) -> Image.Image:
-    """Concatenate same-height images left to right."""
-    width = sum(im.width for im in images)
-    strip = Image.new("RGB", (width, images[0].height))
-    x = 0
-    for im in images:
-        strip.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return strip
+from dreammix.imaging import image_strip
 
 
 class SampleGridCallback(L.Callback):

@@ -36,7 +36,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dreammix.benchmark.manifest import TASKS, Case, atomic_write_bytes, read_manifest
+from dreammix.atomic import atomic_save_image, atomic_write_bytes
+from dreammix.benchmark.manifest import TASKS, Case, read_manifest
 from dreammix.benchmark.records import RecordLog
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
@@ -285,7 +286,6 @@ def generate_cases(
     """
     import torch
 
-    from dreammix.adm import save_png_atomic
     from dreammix.data.images import load_image, load_mask
 
     pending = [c for c in cases if not image_path(run_dir, c).is_file()]
@@ -314,7 +314,7 @@ def generate_cases(
             blend=bool(cfg.dif.blend),
             feather_radius=cfg.dif.get("feather_radius"),
         )
-        save_png_atomic(result.images[0], image_path(run_dir, case))
+        atomic_save_image(result.images[0], image_path(run_dir, case))
         log.info("[%d/%d] %s", number, len(pending), case.case_id)
     return len(pending)
 

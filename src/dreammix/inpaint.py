@@ -18,10 +18,12 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from dreammix.adm import resolve_device, save_png_atomic
+from dreammix.adm import resolve_device
+from dreammix.atomic import atomic_save_image
 from dreammix.cli import config_value
 from dreammix.data.images import load_image, load_mask
 from dreammix.errors import DreamMixError
+from dreammix.imaging import image_strip
 from dreammix.tas import IDENTIFIER, check_identifier, clean_eliminate_words
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,6 @@ def output_paths(out: str | Path, num_images: int) -> list[Path]:
     if num_images == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num_images)]
-
-
-def grid_strip(images: list[Image.Image]) -> Image.Image:
-    """Side-by-side strip of same-height images (input | mask | LCG result | final)."""
-    width = sum(im.width for im in images)
-    strip = Image.new("RGB", (width, images[0].height))
-    x = 0
-    for im in images:
-        strip.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return strip
 
 
 def resolve_eliminate(cfg: DictConfig, prompt: str) -> list[str]:
@@ -195,12 +186,12 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
     written: list[Path] = []
     mask_image = Image.fromarray((mask * 255).astype(np.uint8), mode="L")
     for i, (path, final) in enumerate(zip(paths, result.images)):
-        save_png_atomic(final, path)
+        atomic_save_image(final, path)
         written.append(path)
         if cfg.save_grid:
             lcg = result.lcg_images[i] if result.lcg_images is not None else image
             grid_path = path.with_name(f"{path.stem}_grid.png")
-            save_png_atomic(grid_strip([image, mask_image, lcg, final]), grid_path)
+            atomic_save_image(image_strip([image, mask_image, lcg, final]), grid_path)
             written.append(grid_path)
     log.info(
         "wrote %s (λ=%.2f: %d LCG + %d GCH steps, crop %s, TAS %s)",

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -42,6 +41,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from dreammix.atomic import atomic_write_text
 from dreammix.errors import DreamMixError
 
 log = logging.getLogger(__name__)
@@ -211,22 +211,6 @@ class DiskCache:
     def put(self, key: str, answer: dict[str, Any], model: str) -> None:
         entry = {"format": CACHE_FORMAT, "model": model, "created": time.time(), "answer": answer}
         atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False, indent=1))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ from typing import Any
 
 from PIL import Image
 
+from dreammix.atomic import atomic_write_bytes
 from dreammix.benchmark.manifest import (
     MANIFEST_NAME,
     SUMMARY_NAME,
     TASKS,
     Case,
-    atomic_write_bytes,
     relative_to_manifest,
     write_manifest,
 )

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreammix.atomic import atomic_write_bytes
 from dreammix.errors import DreamMixError
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -83,22 +83,6 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 def canonical_json(record: dict[str, Any]) -> str:
     """One line of JSON that depends only on the content (sorted keys, no spaces)."""
     return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(path: str | Path, cases: Iterable[Case]) -> str:

@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dreammix.benchmark.manifest import atomic_write_bytes, canonical_json
+from dreammix.atomic import atomic_write_bytes
+from dreammix.benchmark.manifest import canonical_json
 from dreammix.errors import DreamMixError
 
 T = TypeVar("T")

@@ -219,7 +219,7 @@ def _sweep_row(run_dir: Path) -> dict[str, Any]:
 def collect_results(sweep_dir: str | Path) -> Path | None:
     """Write ``<sweep_dir>/results.md`` and ``results.json``: one line per evaluation run found
     below ``sweep_dir`` (any depth), sorted by folder. Returns the markdown path, None if no run."""
-    from dreammix.benchmark.manifest import atomic_write_bytes
+    from dreammix.atomic import atomic_write_bytes
     from dreammix.evaluate import SUMMARY_JSON
 
     sweep_dir = Path(sweep_dir)

@@ -29,7 +29,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dreammix.benchmark.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifest
+from dreammix.atomic import atomic_write_bytes
+from dreammix.benchmark.manifest import MANIFEST_NAME, read_manifest
 from dreammix.errors import DreamMixError
 
 log = logging.getLogger(__name__)

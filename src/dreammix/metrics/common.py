@@ -11,8 +11,6 @@ entry; ``np.load(allow_pickle=False)`` reads them back).
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreammix.atomic import atomic_write
 from dreammix.errors import DreamMixError
 
 
@@ -142,11 +141,7 @@ class FeatureCache:
                 self._memory[digest] = row.clone()
                 entry = self._entry(digest)
                 if entry is not None:
-                    entry.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=entry.parent)
-                    with os.fdopen(fd, "wb") as handle:
-                        np.save(handle, row.numpy(), allow_pickle=False)
-                    os.replace(tmp, entry)
+                    atomic_write(entry, lambda handle, row=row: np.save(handle, row.numpy(), allow_pickle=False))
         return torch.stack([self._memory[d] for d in digests])
 
 

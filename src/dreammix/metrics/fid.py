@@ -23,9 +23,7 @@ tiny one); FID is only comparable between runs with the same extractor and refer
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dreammix.atomic import atomic_write
 from dreammix.data.images import IMAGE_SUFFIXES, load_image
 from dreammix.errors import DreamMixError
 from dreammix.metrics.common import batched, resolve_device
@@ -216,11 +215,7 @@ def reference_statistics(
         )
     )
     if entry is not None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=entry.parent)
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, mu=stats["mu"], sigma=stats["sigma"])
-        os.replace(tmp, entry)
+        atomic_write(entry, lambda handle: np.savez(handle, mu=stats["mu"], sigma=stats["sigma"]))
     return stats
 
 

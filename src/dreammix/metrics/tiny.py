@@ -8,34 +8,16 @@ Scores from these models are meaningless; the code paths and the cosine arithmet
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dreammix.atomic import atomic_write_dir
 
 TINY_IMAGE_SIZE = 32
 _VISION = dict(
     image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
 )
-
-
-def _atomic_save(path: Path, save) -> Path:  # noqa: ANN001 - a callable(dir)
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def ensure_tiny_clip(path: str | Path, seed: int = 0) -> Path:
@@ -70,7 +52,7 @@ def ensure_tiny_clip(path: str | Path, seed: int = 0) -> Path:
         tokenizer.save_pretrained(directory)
         image_processor.save_pretrained(directory)
 
-    return _atomic_save(Path(path), save)
+    return atomic_write_dir(path, save, marker="config.json")
 
 
 def ensure_tiny_dino(path: str | Path, seed: int = 0) -> Path:
@@ -82,4 +64,4 @@ def ensure_tiny_dino(path: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         ViTModel(config, add_pooling_layer=False).save_pretrained(directory)
 
-    return _atomic_save(Path(path), save)
+    return atomic_write_dir(path, save, marker="config.json")

@@ -41,10 +41,7 @@ config says 9 channels but its weights are the base's 4-channel ``conv_in`` plus
 
 from __future__ import annotations
 
-import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreammix.atomic import atomic_write_dir
 from dreammix.errors import DreamMixError
-from dreammix.models.loading import ModelSpec, _looks_like_path
+from dreammix.models.loading import ModelSpec, _looks_like_path, check_model_folder, finish_pipeline, pretrained_pipeline
 
 LATENT_CHANNELS = 4
 HEAD_IN_CHANNELS = 1 + LATENT_CHANNELS  # latent mask ⊕ masked-image latent
@@ -453,19 +451,10 @@ def load_fooocus_components(spec: FooocusSpec, dtype: torch.dtype = torch.float3
             if not _looks_like_path(value):
                 raise DreamMixError(f"build_if_missing needs a local folder, got hub id {value!r}", f"model.{key}")
         ensure_tiny_fooocus(source, spec.inpaint_repo)
-    if _looks_like_path(source) and not (Path(source).expanduser() / "model_index.json").is_file():
-        raise DreamMixError(f"no diffusers model at {source} (model_index.json missing)", "model.pretrained")
+    check_model_folder(source)
     head_path = resolve_fooocus_file(spec, spec.head_file, "head_file")
     patch_path = resolve_fooocus_file(spec, spec.patch_file, "patch_file")
-    try:
-        base = StableDiffusionXLPipeline.from_pretrained(
-            str(Path(source).expanduser()) if _looks_like_path(source) else source,
-            revision=spec.revision,
-            variant=spec.variant,
-            torch_dtype=dtype,
-        )
-    except (OSError, ValueError) as exc:
-        raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
+    base = pretrained_pipeline(StableDiffusionXLPipeline, spec, dtype)
     unet = base.unet
     if unet.config.in_channels != LATENT_CHANNELS:
         raise DreamMixError(
@@ -483,10 +472,7 @@ def load_fooocus_components(spec: FooocusSpec, dtype: torch.dtype = torch.float3
         requires_aesthetics_score=False,
         force_zeros_for_empty_prompt=bool(base.config.get("force_zeros_for_empty_prompt", True)),
     )
-    if spec.vae_fp32 and pipe.vae.dtype != torch.float32:
-        pipe.vae.to(dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_pipeline(pipe, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,19 +590,6 @@ def ensure_tiny_fooocus(base_dir: str | Path, inpaint_dir: str | Path, seed: int
         (inpaint_dir, lambda d: build_tiny_fooocus_files(pipe.unet, d, seed)),
     ):
         marker = "model_index.json" if target == base_dir else "inpaint_v26.fooocus.patch"
-        if (target / marker).is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-        try:
-            write(staging)
-            if target.exists() and not (target / marker).is_file():
-                shutil.rmtree(target)  # a half-written leftover without its marker file
-            try:
-                os.replace(staging, target)
-            except OSError:
-                if not (target / marker).is_file():  # another process finished first (same seed)
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # A leftover without its marker file is replaced; another process's copy is identical (same seed).
+        atomic_write_dir(target, write, marker=marker, remove_incomplete=True)
     return base_dir, inpaint_dir

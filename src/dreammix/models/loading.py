@@ -55,6 +55,35 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+def check_model_folder(source: str) -> None:
+    """A local ``source`` must be a diffusers folder: say so in one line before diffusers tries."""
+    if _looks_like_path(source) and not (Path(source).expanduser() / "model_index.json").is_file():
+        raise DreamMixError(f"no diffusers model at {source} (model_index.json missing)", "model.pretrained")
+
+
+def pretrained_pipeline(cls, spec: ModelSpec, dtype: torch.dtype):  # noqa: ANN001 - a diffusers pipeline class
+    """``cls.from_pretrained`` of ``spec.pretrained`` (hub id or local folder, ``~`` expanded);
+    a missing or unreadable model is a one-line :class:`DreamMixError` naming ``model.pretrained``."""
+    source = spec.pretrained
+    try:
+        return cls.from_pretrained(
+            str(Path(source).expanduser()) if _looks_like_path(source) else source,
+            revision=spec.revision,
+            variant=spec.variant,
+            torch_dtype=dtype,
+        )
+    except (OSError, ValueError) as exc:
+        raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
+
+
+def finish_pipeline(pipe, spec: ModelSpec):  # noqa: ANN001 - a diffusers pipeline
+    """The settings every loaded pipeline gets: VAE in fp32 when ``spec.vae_fp32``, no progress bar."""
+    if spec.vae_fp32 and pipe.vae.dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_inpaint_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     """The diffusers SDXL inpainting pipeline for ``spec`` (weights in ``dtype``, VAE fp32 if asked)."""
     from diffusers import StableDiffusionXLInpaintPipeline
@@ -68,21 +97,8 @@ def load_inpaint_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
         from dreammix.models.tiny import ensure_tiny_pipeline
 
         ensure_tiny_pipeline(source)
-    if _looks_like_path(source) and not (Path(source).expanduser() / "model_index.json").is_file():
-        raise DreamMixError(f"no diffusers model at {source} (model_index.json missing)", "model.pretrained")
-    try:
-        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
-            str(Path(source).expanduser()) if _looks_like_path(source) else source,
-            revision=spec.revision,
-            variant=spec.variant,
-            torch_dtype=dtype,
-        )
-    except (OSError, ValueError) as exc:
-        raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
-    if spec.vae_fp32 and pipe.vae.dtype != torch.float32:
-        pipe.vae.to(dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    check_model_folder(source)
+    return finish_pipeline(pretrained_pipeline(StableDiffusionXLInpaintPipeline, spec, dtype), spec)
 
 
 def model_spec_from_config(cfg) -> ModelSpec:

@@ -8,13 +8,12 @@ rescaled silently on reload.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from dreammix.atomic import atomic_write_dir
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -80,24 +79,15 @@ def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> P
     """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically (temp dir + rename)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory.parent))
-    try:
+
+    def build(staging: Path) -> None:
         StableDiffusionXLInpaintPipeline.save_lora_weights(
             staging,
             unet_lora_layers=weights,
             unet_lora_adapter_metadata=spec.to_peft().to_dict(),
             safe_serialization=True,
         )
-        # Move an older export aside before the rename, so a crash never leaves no LoRA at all.
-        previous = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(previous, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, previous)
-        os.replace(staging, directory)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory / LORA_WEIGHTS_NAME
+
+    # replace=True moves an older export aside before the rename, so a crash never leaves no LoRA at all.
+    return atomic_write_dir(directory, build, replace=True) / LORA_WEIGHTS_NAME

@@ -10,12 +10,11 @@ The tokenizer is built in code: a byte-level BPE vocabulary with no hub download
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dreammix.atomic import atomic_write_dir
 
 TEXT_HIDDEN = 32
 PROJECTION_DIM = 32
@@ -144,19 +143,8 @@ def build_tiny_pipeline(seed: int = 0):
 
 def ensure_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
     """Build and save the tiny pipeline at ``path`` unless it is already there (atomic rename)."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    try:
+    # Another process that finishes first writes an identical copy (same seed): it is kept.
+    def save(staging: Path) -> None:
         build_tiny_pipeline(seed).save_pretrained(staging, safe_serialization=True)
-        try:
-            os.replace(staging, path)
-        except OSError:
-            # Another process finished first; its copy is identical (same seed).
-            if not (path / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+
+    return atomic_write_dir(path, save, marker="model_index.json")
