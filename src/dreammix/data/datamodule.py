@@ -52,14 +52,25 @@ class StepIndexedSampler(Sampler[tuple[int, int]]):
 
 
 class PositionedItems(torch.utils.data.Dataset):
-    """Looks items up by the sampler's ``(position, index)`` and adds ``position`` to each."""
+    """Looks items up by the sampler's ``(position, index)`` keys and adds ``position``.
+
+    ``__getitems__`` (used by the DataLoader for a whole batch) gathers the batch with one tensor
+    index per field instead of collating item dicts one by one.
+    """
 
     def __init__(self, dataset: CachedInpaintSet):
         self.dataset = dataset
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        position, index = key
-        return {**self.dataset[index], "position": torch.tensor(position)}
+        return {k: v[0] for k, v in self.__getitems__([key]).items()}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        positions, items = zip(*keys)
+        return {**self.dataset.batch(torch.tensor(items)), "position": torch.tensor(positions)}
+
+
+def _already_batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,10 @@ class DreamMixDataModule(L.LightningDataModule):
     def _loader(self, dataset: CachedInpaintSet, batch_size: int, seed: int) -> DataLoader:
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
         sampler = StepIndexedSampler(len(dataset), batch_size, seed, start_batch=start)
-        return DataLoader(PositionedItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers)
+        return DataLoader(
+            PositionedItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers,
+            collate_fn=_already_batched,
+        )
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {"source": self._loader(self.source, self.spec.batch_size, self.seed)}

@@ -99,14 +99,18 @@ class CachedInpaintSet(torch.utils.data.Dataset):
         return len(self.image_index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        img, prm = int(self.image_index[i]), int(self.prompt_index[i])
+        return {k: v[0] for k, v in self.batch(torch.tensor([i])).items()}
+
+    def batch(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The items ``items`` stacked into a batch by tensor indexing (no per-item collation)."""
+        images, prompts = self.image_index[items], self.prompt_index[items]
         return {
-            "latents": self.latents[img],
-            "masked_latents": self.masked_latents[i],
-            "mask": self.masks[i],
-            "prompt_embeds": self.prompt_embeds[prm],
-            "pooled_embeds": self.pooled_embeds[prm],
-            "time_ids": self.time_ids,
+            "latents": self.latents[images],
+            "masked_latents": self.masked_latents[items],
+            "mask": self.masks[items],
+            "prompt_embeds": self.prompt_embeds[prompts],
+            "pooled_embeds": self.pooled_embeds[prompts],
+            "time_ids": self.time_ids.expand(len(items), -1),
         }
 
 
