@@ -178,3 +178,22 @@ def test_training_works_on_the_fooocus_base(compose, tmp_path, subject):
     assert is_fooocus_unet(pipe.unet)
     pipe.load_lora_weights(str(run_dir / "lora"))
     assert _inpaint(pipe).shape == (64, 64, 3)
+
+
+def test_gradient_checkpointing_still_trains_the_lora(tiny_model_dir):
+    """With a frozen base, checkpointed blocks must still pass gradients to the LoRA weights."""
+    from diffusers import DDPMScheduler
+
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.models.lora import LoraSpec
+    from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+
+    _, batch = _module_and_batch(tiny_model_dir, LossSpec())
+    pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+    ckpt_module = DreamMixLoRAModule(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), LoraSpec(), LossSpec(),
+                                     OptimSpec(), gradient_checkpointing=True)
+    ckpt_module.train()
+    assert ckpt_module.unet.is_gradient_checkpointing
+    ckpt_module.compute_losses(batch)["loss"].backward()
+    grads = [p.grad for p in ckpt_module.lora_params]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
