@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -17,13 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from dreammix.atomic import atomic_write_text
 from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
 from dreammix.data.subjects import Subject, load_source_examples
 from dreammix.errors import DreamMixError
-from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
+from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 
@@ -67,49 +69,50 @@ def _logger(cfg: DictConfig, run_dir: Path):
     )
 
 
-def train(cfg: DictConfig) -> Path:
-    """Fine-tune a LoRA for ``cfg.subject``; returns the run directory."""
-    run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    subject = Subject.from_config(cfg.subject)
-    model_spec = model_spec_from_config(cfg.model)
-    data_spec = DataSpec.from_config(cfg.data)
-    loss_spec = LossSpec(
+@dataclass(frozen=True)
+class TrainSpecs:
+    """Everything ``train`` needs from the config, checked before any weights are loaded."""
+
+    subject: Subject
+    model: ModelSpec
+    data: DataSpec
+    loss: LossSpec
+    lora: LoraSpec
+    optim: OptimSpec
+    ckpt_path: Path | None
+
+
+def train_specs(cfg: DictConfig) -> TrainSpecs:
+    """Typed specs from the composed config; bad values raise a one-line :class:`DreamMixError`."""
+    loss = LossSpec(
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
     )
-    lora_spec = LoraSpec(
+    lora = LoraSpec(
         rank=config_value(cfg, "lora.rank", int), alpha=config_value(cfg, "lora.alpha", float),
         dropout=config_value(cfg, "lora.dropout", float), target_modules=tuple(cfg.lora.target_modules),
     )
-    optim_spec = OptimSpec(
-        lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas), weight_decay=config_value(cfg, "optim.weight_decay", float),
-        eps=config_value(cfg, "optim.eps", float), warmup_steps=config_value(cfg, "optim.warmup_steps", int),
-        fused=bool(cfg.optim.fused),
+    optim = OptimSpec(
+        lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
+        weight_decay=config_value(cfg, "optim.weight_decay", float), eps=config_value(cfg, "optim.eps", float),
+        warmup_steps=config_value(cfg, "optim.warmup_steps", int), fused=bool(cfg.optim.fused),
     )
     max_steps = config_value(cfg, "trainer.max_steps", int)
     if max_steps < 1:
         raise DreamMixError(f"max_steps must be >= 1, got {max_steps}", "trainer.max_steps")
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(str(ckpt_path)).is_file():
+    config_value(cfg, "trainer.accumulate_grad_batches", int)  # checked here; Lightning applies it
+    ckpt_path = Path(str(cfg.ckpt_path)) if cfg.get("ckpt_path") else None
+    if ckpt_path is not None and not ckpt_path.is_file():
         raise DreamMixError(f"checkpoint not found: {ckpt_path}", "ckpt_path")
+    subject = Subject.from_config(cfg.subject)
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
 
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    device = _training_device(cfg.trainer)
-    pipe = load_pipeline(model_spec, resolve_dtype(model_spec.weight_dtype, device))
-    for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        part.to(device)
-    encoder = FrozenInputEncoder(pipe, device)
-    config_value(cfg, "trainer.accumulate_grad_batches", int)  # checked here; Lightning applies it
-    datamodule = DreamMixDataModule(
-        subject, data_spec, encoder, model_spec.resolution,
-        use_regular=loss_spec.beta > 0, seed=int(cfg.seed),
-    )
-    datamodule.setup("fit")
 
+def _callbacks(cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, run_dir: Path) -> list[L.Callback]:
+    """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
     callbacks: list[L.Callback] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
@@ -118,41 +121,64 @@ def train(cfg: DictConfig) -> Path:
     ]
     val = cfg.validation
     if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
-        images, masks = _validation_inputs(subject, data_spec, model_spec.resolution, int(val.num_samples))
-        embeds, pooled = encoder.encode_prompts([data_spec.source_prompt])
+        images, masks = _validation_inputs(specs.subject, specs.data, specs.model.resolution, int(val.num_samples))
+        embeds, pooled = encoder.encode_prompts([specs.data.source_prompt])
         callbacks.append(SampleGridCallback(
             pipe, images, masks, embeds, pooled, run_dir / "samples", int(val.every_n_steps),
             int(val.num_inference_steps), float(val.guidance_scale), int(cfg.seed),
         ))
+    return callbacks
+
+
+def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Path) -> None:
+    """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings)."""
+    info = {
+        "subject": specs.subject.name, "class_noun": specs.subject.class_noun,
+        "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
+        "lora": {"rank": specs.lora.rank, "alpha": specs.lora.alpha, "target_modules": list(specs.lora.target_modules)},
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+    }
+    atomic_write_text(lora_dir / RUN_INFO_NAME, json.dumps(info, indent=2))
+
+
+def train(cfg: DictConfig) -> Path:
+    """Fine-tune a LoRA for ``cfg.subject``; returns the run directory."""
+    from diffusers import DDPMScheduler
+
+    specs = train_specs(cfg)
+    run_dir = Path(str(cfg.run_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    device = _training_device(cfg.trainer)
+    pipe = load_pipeline(specs.model, resolve_dtype(specs.model.weight_dtype, device))
+    for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        part.to(device)
+    encoder = FrozenInputEncoder(pipe, device)
+    datamodule = DreamMixDataModule(
+        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
+    )
+    datamodule.setup("fit")
+    callbacks = _callbacks(cfg, specs, pipe, encoder, run_dir)
     # Everything the text encoders will ever produce is cached now: free their memory.
     pipe.text_encoder.to("cpu")
     pipe.text_encoder_2.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    from diffusers import DDPMScheduler
-
     module = DreamMixLoRAModule(
-        pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), lora_spec, loss_spec, optim_spec,
-        gradient_checkpointing=model_spec.gradient_checkpointing, seed=int(cfg.seed),
+        pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
+        gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed),
     )
     logger = _logger(cfg, run_dir)
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["accelerator"] = device.type
+    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        weights = save_lora(pipe.unet, run_dir / "lora", lora_spec)
-        info = {
-            "subject": subject.name, "class_noun": subject.class_noun, "source_prompt": data_spec.source_prompt,
-            "base_model": model_spec.pretrained, "steps": trainer.global_step,
-            "lora": {"rank": lora_spec.rank, "alpha": lora_spec.alpha, "target_modules": list(lora_spec.target_modules)},
-            "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-        }
-        (run_dir / "lora" / RUN_INFO_NAME).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
+        weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
+        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
         log.info("LoRA written to %s", weights)
     finally:
         if logger:
