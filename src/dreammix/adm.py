@@ -228,11 +228,6 @@ def clear_regular_set(out_dir: str | Path) -> None:
 # Generation
 
 
-def _batches(items: Sequence[RegularItem], size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -266,6 +261,8 @@ def generate_regular_set(
     import torch
     from tqdm.auto import tqdm
 
+    from dreammix.metrics.common import batched
+
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
@@ -275,7 +272,7 @@ def generate_regular_set(
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="ADM regular set", unit="img",
                disable=not progress)
     try:
-        for batch in _batches(pending, max(1, batch_size)):
+        for batch in batched(pending, batch_size):
             backgrounds = [make_background(item.seed, size, background_files) for item in batch]
             masks = [make_mask(item.seed, size, mask_shape, mask_area) for item in batch]
             generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
@@ -437,8 +434,9 @@ def run_adm(cfg) -> Path:
         log.warning("%s differs from the subject's dictionary; keeping the set's own (adm.overwrite=true rebuilds)",
                     out_dir / ATTRIBUTES_NAME)
 
+    settings = _prompt_settings(cfg)
     stored = _read_json(out_dir / PROMPTS_NAME) if (out_dir / PROMPTS_NAME).is_file() and not overwrite else None
-    if stored is not None and stored.get("settings") != _prompt_settings(cfg):
+    if stored is not None and stored.get("settings") != settings:
         if read_manifest(out_dir):
             raise DreamMixError(
                 "this regular set was made with other prompt settings (prompt_source, base_seed, identifier, "
@@ -455,10 +453,22 @@ def run_adm(cfg) -> Path:
     atomic_write_text(out_dir / ATTRIBUTES_NAME, json.dumps(attributes, indent=2, ensure_ascii=False) + "\n")
     all_prompts = prompts if not stored or len(stored["prompts"]) <= len(prompts) else list(stored["prompts"])
     atomic_write_text(out_dir / PROMPTS_NAME,
-                      json.dumps({"settings": _prompt_settings(cfg), "prompts": all_prompts}, indent=1,
+                      json.dumps({"settings": settings, "prompts": all_prompts}, indent=1,
                                  ensure_ascii=False) + "\n")
 
     existing = {e["image"]: e for e in read_manifest(out_dir, repair=True)}
+    _check_manifest_matches(existing, items, out_dir)
+    pending = [item for item in items if item.image not in existing]
+    log.info("regular set %s: %d of %d items to make", out_dir, len(pending), len(items))
+    if pending:
+        _generate(cfg, items, out_dir)
+    entries = read_manifest(out_dir)
+    _log_to_wandb(cfg, out_dir, attributes, entries)
+    return out_dir
+
+
+def _check_manifest_matches(existing: Mapping[str, Mapping[str, Any]], items: Sequence[RegularItem], out_dir: Path) -> None:
+    """An item already made for another prompt or seed means the plan changed under the set."""
     for item in items:
         entry = existing.get(item.image)
         if entry is not None and (entry["prompt"] != item.prompt or int(entry["seed"]) != item.seed):
@@ -467,13 +477,6 @@ def run_adm(cfg) -> Path:
                 f"(seed {item.seed}); use adm.overwrite=true or another adm.out_dir",
                 str(out_dir / MANIFEST_NAME),
             )
-    pending = [item for item in items if item.image not in existing]
-    log.info("regular set %s: %d of %d items to make", out_dir, len(pending), len(items))
-    if pending:
-        _generate(cfg, items, out_dir)
-    entries = read_manifest(out_dir)
-    _log_to_wandb(cfg, out_dir, attributes, entries)
-    return out_dir
 
 
 def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:

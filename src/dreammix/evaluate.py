@@ -92,14 +92,6 @@ def select_cases(cases: Iterable[Case], subject: str, tasks: Sequence[str], limi
     return chosen
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def lora_info(lora_dir: str | Path | None) -> dict[str, Any] | None:
     """The LoRA's identity for the settings: weights hash + its ``dreammix_run.json`` (if any)."""
     if not lora_dir:
@@ -112,7 +104,9 @@ def lora_info(lora_dir: str | Path | None) -> dict[str, Any] | None:
         raise DreamMixError("LoRA folder not found", f"lora_dir={lora_dir}")
     if not weights.is_file():
         raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", f"lora_dir={lora_dir}")
-    info: dict[str, Any] = {"dir": str(folder.resolve()), "sha256": file_sha256(weights)}
+    with weights.open("rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    info: dict[str, Any] = {"dir": str(folder.resolve()), "sha256": sha256}
     run_file = folder / RUN_INFO_NAME
     if run_file.is_file():
         try:
@@ -443,27 +437,14 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-class ColorStatsExtractor:
-    """A 6-d FID feature (per-channel mean and std of the image): instant and offline, for CPU
-    smoke runs of the chain (``fid_extractor=color_stats``). Not comparable with Inception FID."""
-
-    name = "color-stats"
-
-    def __call__(self, images):  # noqa: ANN001 - uint8 (N, 3, H, W) tensor
-        x = images.float() / 255.0
-        return __import__("torch").cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-
-
 def make_fid_extractor(name: str, metrics_cfg: Any):
-    """``inception`` (torch-fidelity, ``metrics.fid.*``) or ``color_stats``."""
+    """``inception`` (torch-fidelity, ``metrics.fid.*``) or ``color_stats`` (CPU smoke runs)."""
+    from dreammix.metrics.fid import ColorStatsExtractor, InceptionExtractor
+
     if name == "color_stats":
         return ColorStatsExtractor()
     if name == "inception":
-        from dreammix.metrics.fid import InceptionExtractor
-
-        fcfg = metrics_cfg.fid
-        weights = None if fcfg.inception_weights is None else str(fcfg.inception_weights)
-        return InceptionExtractor(weights, device=metrics_cfg.device, feature_layer=str(fcfg.get("feature_layer", "2048")))
+        return InceptionExtractor.from_config(metrics_cfg)
     raise DreamMixError(f"must be inception or color_stats, got {name!r}", "fid_extractor")
 
 
@@ -496,13 +477,13 @@ def score_real_images(suite: Any, paths: Sequence[Path], class_noun: str) -> dic
     if len(paths) < 2:
         raise DreamMixError(f"need at least 2 images of the subject, got {len(paths)}", "real images")
     out: dict[str, float] = {}
-    for key, features in (("clip_i", suite.clip.reference_features(paths)), ("dino", suite.dino.reference_features(paths))):
+    clip_features = suite.clip.reference_features(paths)
+    for key, features in (("clip_i", clip_features), ("dino", suite.dino.reference_features(paths))):
         f = torch.nn.functional.normalize(features.float(), dim=-1)
         sim = f @ f.T
         n = sim.shape[0]
         off_diagonal = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
         out[key] = float(off_diagonal)
-    clip_features = suite.clip.reference_features(paths)
     out["clip_t"] = float(suite.clip.clip_t(clip_features, [f"a photo of {class_noun}"] * len(paths), suite.identifier).mean())
     out["n"] = len(paths)
     return out
@@ -575,6 +556,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     """
     # 1. Everything checkable before loading a model
     run_dir = Path(str(cfg.run_dir))
+    row = str(cfg.get("row", "custom"))
     subject = str(cfg.subject.name)
     tasks = [str(t) for t in cfg.tasks]
     limit = None if cfg.get("limit") is None else config_value(cfg, "limit", int)
@@ -594,7 +576,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     check_settings(
         run_dir, settings,
-        {"row": str(cfg.get("row", "custom")), "subject": subject, "class_noun": str(cfg.subject.class_noun),
+        {"row": row, "subject": subject, "class_noun": str(cfg.subject.class_noun),
          "manifest": str(Path(str(cfg.manifest)).resolve()), "lora_training": None if lora is None else lora.get("run"),
          "lora_dir": None if lora is None else lora["dir"]},
     )  # fmt: skip
@@ -613,7 +595,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
         suite = metric_suite or MetricSuite.from_config(cfg.metrics)
         batch = config_value(cfg, "score_batch_size", int)
-        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": str(cfg.get("row", "custom"))})
+        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": row})
     log.info("scoring: %d case(s) in %.1f s", scored, time.perf_counter() - started)
     stored = records.load()
     mine = [stored[c.case_id] for c in cases]  # exactly one record per case, in manifest order
@@ -624,7 +606,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         extractor = make_fid_extractor(str(cfg.get("fid_extractor", "inception")), cfg.metrics)
         fid = fid_by_task(mine, {r["case_id"]: run_dir for r in mine}, cfg.metrics, extractor)
     summary = {
-        "row": str(cfg.get("row", "custom")),
+        "row": row,
         "subject": subject,
         "cases": len(mine),
         "tasks": summarize(mine),
@@ -635,7 +617,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         "lora_training": None if lora is None else (lora.get("run") or {}).get("loss"),
     }
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    title = f"Evaluation: {summary['row']} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
+    title = f"Evaluation: {row} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
     log_to_wandb(cfg, run_dir, mine, summary)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)

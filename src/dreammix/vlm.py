@@ -304,10 +304,11 @@ class VLMClient:
         key = os.environ.get(s.api_key_env, "").strip() if s.api_key_env else ""
         if key:
             return key
-        choice = {"auto": None, "true": True, "false": False}.get(str(s.require_key).lower())
-        if choice is None and str(s.require_key).lower() != "auto":
+        mode = str(s.require_key).lower()
+        if mode not in ("auto", "true", "false"):
             raise VLMError(f"must be auto|true|false, got {s.require_key!r}", "vlm.require_key")
-        if choice if choice is not None else not _is_local(s.base_url):
+        required = not _is_local(s.base_url) if mode == "auto" else mode == "true"
+        if required:
             raise VLMError(
                 f"no API key: set the {s.api_key_env} environment variable (keys are read only from the "
                 "environment), or point vlm.base_url at a local OpenAI-compatible server, or use vlm=offline",

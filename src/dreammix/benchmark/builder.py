@@ -375,14 +375,95 @@ class BenchmarkResult:
 
 
 def _to_container(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a hydra dependency
-        pass
-    return value
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def subject_prompts(
+    subjects: Sequence[SubjectSpec], pcfg: Any, facts: DreamBoothFacts, seed: int
+) -> dict[str, dict[str, list[str]]]:
+    """Subject name → task → its prompts, from ``benchmark.prompts``."""
+    identifier = str(pcfg.identifier)
+    vocabulary = _to_container(pcfg.edit_vocabulary) or {}
+    return {
+        subject.name: {
+            "identity": identity_prompts(subject, list(pcfg.identity_templates), identifier),
+            "attribute": attribute_prompts(
+                subject,
+                facts,
+                count=int(pcfg.attribute_count),
+                identifier=identifier,
+                template=str(pcfg.attribute_template),
+                edit_vocabulary=vocabulary,
+                seed=seed,
+            ),
+        }
+        for subject in subjects
+    }
+
+
+def make_cases(
+    subjects: Sequence[SubjectSpec],
+    tasks: Sequence[str],
+    assigned: Mapping[str, Sequence[Background]],
+    prompts_by_subject: Mapping[str, Mapping[str, Sequence[str]]],
+    *,
+    assignment: str,
+    image_dir: Path,
+    out_dir: Path,
+    seed: int,
+) -> list[Case]:
+    """The manifest's cases in their fixed order: subject, task, background, prompt."""
+    cases: list[Case] = []
+    for subject in subjects:
+        for task in tasks:
+            prompts = prompts_by_subject[subject.name][task]
+            for j, bg in enumerate(assigned[subject.name]):
+                indices = [j % len(prompts)] if assignment == "cycle" else list(range(len(prompts)))
+                for p in indices:
+                    case_id = f"{subject.name}-{task}-{bg.image_id:012d}-{bg.ann_id}-p{p}"
+                    cases.append(
+                        Case(
+                            case_id=case_id,
+                            subject=subject.name,
+                            class_noun=subject.class_noun,
+                            task=task,
+                            prompt=prompts[p],
+                            prompt_index=p,
+                            image=relative_to_manifest(image_dir / bg.file_name, out_dir),
+                            image_id=bg.image_id,
+                            ann_id=bg.ann_id,
+                            category=bg.category,
+                            box=list(bg.box),
+                            width=bg.width,
+                            height=bg.height,
+                            mask=f"masks/{mask_name(bg)}",
+                            seed=case_seed(seed, case_id),
+                        )
+                    )
+    return cases
+
+
+def write_masks(mask_dir: Path, cases: Sequence[Case]) -> int:
+    """Write the box mask of every case's background (one file shared by the cases that use it)
+    and delete masks of other builds; returns how many masks there are.
+
+    A mask already on disk with the same bytes is left alone, so a rebuild rewrites no file.
+    """
+    masks = {Path(case.mask).name: case for case in cases}
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(masks):
+        case = masks[name]
+        data = box_mask_png(case.width, case.height, case.box)
+        target = mask_dir / name
+        if not (target.is_file() and target.read_bytes() == data):
+            atomic_write_bytes(target, data)
+    # Masks of an earlier build with other settings would be mistaken for part of this one.
+    for stale in sorted(mask_dir.iterdir()):
+        if _MASK_NAME_RE.match(stale.name) and stale.name not in masks:
+            stale.unlink()
+    return len(masks)
 
 
 def build_benchmark(cfg: Any) -> BenchmarkResult:
@@ -431,69 +512,13 @@ def build_benchmark(cfg: Any) -> BenchmarkResult:
         )
     assigned = assign_backgrounds(pool, subject_index, per_subject, seed)
 
-    pcfg = bcfg.prompts
-    identifier = str(pcfg.identifier)
-    vocabulary = _to_container(pcfg.edit_vocabulary) or {}
-    prompts_by_subject: dict[str, dict[str, list[str]]] = {}
-    for subject in subjects:
-        prompts_by_subject[subject.name] = {
-            "identity": identity_prompts(subject, list(pcfg.identity_templates), identifier),
-            "attribute": attribute_prompts(
-                subject,
-                facts,
-                count=int(pcfg.attribute_count),
-                identifier=identifier,
-                template=str(pcfg.attribute_template),
-                edit_vocabulary=vocabulary,
-                seed=seed,
-            ),
-        }
+    prompts_by_subject = subject_prompts(subjects, bcfg.prompts, facts, seed)
+    cases = make_cases(
+        subjects, tasks, assigned, prompts_by_subject, assignment=assignment, image_dir=image_dir, out_dir=out_dir, seed=seed
+    )
+    distinct_backgrounds = write_masks(out_dir / "masks", cases)
 
     manifest_path = out_dir / MANIFEST_NAME
-    mask_dir = out_dir / "masks"
-    cases: list[Case] = []
-    used_masks: dict[str, Background] = {}
-    for subject in subjects:
-        for task in tasks:
-            prompts = prompts_by_subject[subject.name][task]
-            for j, bg in enumerate(assigned[subject.name]):
-                indices = [j % len(prompts)] if assignment == "cycle" else list(range(len(prompts)))
-                name = mask_name(bg)
-                used_masks[name] = bg
-                for p in indices:
-                    case_id = f"{subject.name}-{task}-{bg.image_id:012d}-{bg.ann_id}-p{p}"
-                    cases.append(
-                        Case(
-                            case_id=case_id,
-                            subject=subject.name,
-                            class_noun=subject.class_noun,
-                            task=task,
-                            prompt=prompts[p],
-                            prompt_index=p,
-                            image=relative_to_manifest(image_dir / bg.file_name, out_dir),
-                            image_id=bg.image_id,
-                            ann_id=bg.ann_id,
-                            category=bg.category,
-                            box=list(bg.box),
-                            width=bg.width,
-                            height=bg.height,
-                            mask=f"masks/{name}",
-                            seed=case_seed(seed, case_id),
-                        )
-                    )
-
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    for name in sorted(used_masks):
-        bg = used_masks[name]
-        data = box_mask_png(bg.width, bg.height, bg.box)
-        target = mask_dir / name
-        if not (target.is_file() and target.read_bytes() == data):
-            atomic_write_bytes(target, data)
-    # Masks of an earlier build with other settings would be mistaken for part of this one.
-    for stale in sorted(mask_dir.iterdir()):
-        if _MASK_NAME_RE.match(stale.name) and stale.name not in used_masks:
-            stale.unlink()
-
     digest = write_manifest(manifest_path, cases)
     pairs = {s.name: len(assigned[s.name]) for s in subjects}
     summary = {
@@ -501,7 +526,7 @@ def build_benchmark(cfg: Any) -> BenchmarkResult:
         "manifest_sha256": digest,
         "cases": len(cases),
         "image_mask_pairs": sum(pairs.values()),
-        "distinct_backgrounds": len(used_masks),
+        "distinct_backgrounds": distinct_backgrounds,
         "pairs_per_subject": pairs,
         "prompts": prompts_by_subject,
         "tasks": tasks,
@@ -517,7 +542,7 @@ def build_benchmark(cfg: Any) -> BenchmarkResult:
         len(cases),
         summary["image_mask_pairs"],
         len(subjects),
-        len(used_masks),
+        distinct_backgrounds,
         manifest_path,
     )
     return BenchmarkResult(out_dir=out_dir, manifest=manifest_path, cases=cases, summary=summary)

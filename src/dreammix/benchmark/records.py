@@ -38,27 +38,10 @@ class RecordLog:
         """Cut a partial last line (a crash mid-append) so the next append starts a fresh line."""
         if not self.path.is_file():
             return
-        size = self.path.stat().st_size
-        if size == 0:
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
             return
-        with self.path.open("rb+") as handle:
-            handle.seek(size - 1)
-            if handle.read(1) == b"\n":
-                return
-            # Find the last newline; everything after it is an incomplete record.
-            chunk = 1 << 16
-            end = size
-            keep = 0
-            while end > 0:
-                start = max(0, end - chunk)
-                handle.seek(start)
-                data = handle.read(end - start)
-                idx = data.rfind(b"\n")
-                if idx >= 0:
-                    keep = start + idx + 1
-                    break
-                end = start
-            handle.truncate(keep)
+        os.truncate(self.path, data.rfind(b"\n") + 1)  # everything after the last newline is torn
         warnings.warn(f"{self.path}: dropped an incomplete last record (interrupted write)", stacklevel=3)
 
     def append(self, record: Mapping[str, Any]) -> None:
@@ -96,21 +79,12 @@ class RecordLog:
                 records[str(record[self.key])] = record
         return records
 
-    def done(self) -> set[str]:
-        """Keys of the cases already recorded."""
-        return set(self.load())
-
-    def pending(self, items: Iterable[T], key_of: Any = None) -> list[T]:
-        """The ``items`` not yet recorded, in their original order.
-
-        ``key_of`` maps an item to its key; by default the item's ``key`` attribute (a manifest
-        :class:`~dreammix.benchmark.manifest.Case`) or mapping entry.
-        """
-        done = self.done()
+    def pending(self, items: Iterable[T]) -> list[T]:
+        """The ``items`` not yet recorded, in their original order; an item's key is its ``key``
+        attribute (a manifest :class:`~dreammix.benchmark.manifest.Case`) or mapping entry."""
+        done = set(self.load())
 
         def _key(item: Any) -> str:
-            if key_of is not None:
-                return str(key_of(item))
             if isinstance(item, Mapping):
                 return str(item[self.key])
             return str(getattr(item, self.key))

@@ -113,8 +113,8 @@ def loss_variant(loss: Any) -> str:
 
 
 def _lists(bench: DictConfig) -> dict[str, list[str]]:
-    get = lambda key: [str(v) for v in (bench.get(key) or [])]  # noqa: E731
-    return {k: get(k) for k in ("paths_overrides", "build_overrides", "overrides", "train_overrides", "adm_overrides", "eval_overrides")}
+    keys = ("paths_overrides", "build_overrides", "overrides", "train_overrides", "adm_overrides", "eval_overrides")
+    return {key: [str(v) for v in (bench.get(key) or [])] for key in keys}
 
 
 def ensure_manifest(bench: DictConfig, ov: dict[str, list[str]], conf_dir: Path | None) -> Path:
@@ -142,7 +142,7 @@ def ensure_regular_set(subject: str, regular_dir: Path, out: Path, ov: dict[str,
          kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / subject)],
         conf_dir,
     )  # fmt: skip
-    have = len(read_regular(regular_dir)) if (regular_dir / "manifest.jsonl").is_file() else 0
+    have = len(read_regular(regular_dir))  # 0 without a manifest
     if have >= int(cfg.adm.num_prompts):
         return False
     log.info("ADM regular set of %s: %d of %d items, building", subject, have, int(cfg.adm.num_prompts))
@@ -176,11 +176,7 @@ def ensure_lora(
 
 def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> BenchmarkRun:
     """The chain of the module docstring for ``cfg.bench``; returns where everything went."""
-    from dreammix.benchmark.report import merge_runs, real_images_row, table1_markdown, table3_markdown
-    from dreammix.evaluate import evaluate, fid_of, make_fid_extractor, reference_images, score_real_images
-
-    bench = cfg.bench
-    threads = bench.get("torch_threads")
+    threads = cfg.bench.get("torch_threads")
     if threads:
         import torch
 
@@ -193,9 +189,59 @@ def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> Benchm
     return _run(cfg, conf_dir)
 
 
+def evaluate_rows(
+    experiments: list[str], subjects: list[str], loras: dict[tuple[str, str], Path], common: list[str], out: Path,
+    conf: Path | None, models: ModelCache,
+) -> dict[str, dict[str, Path]]:
+    """``evaluate`` every row × subject into ``<out>/eval/<row>/<subject>``, without FID (the tables
+    compute it over a row's whole generated set); returns the run folders by row and subject."""
+    from dreammix.evaluate import evaluate
+
+    eval_dirs: dict[str, dict[str, Path]] = {}
+    for experiment in experiments:
+        eval_dirs[experiment] = {}
+        for subject in subjects:
+            run_dir = out / "eval" / experiment / subject
+            ecfg = compose_config(
+                "eval",
+                [*common, kv("experiment", experiment), kv("subject", subject), kv("lora_dir", loras[(experiment, subject)]),
+                 kv("run_dir", run_dir), "fid=false"],
+                conf,
+            )  # fmt: skip
+            evaluate(ecfg, pipe_factory=models.pipeline, metric_suite=models.suite(ecfg))
+            eval_dirs[experiment][subject] = run_dir
+    return eval_dirs
+
+
+def row_fids(rows: dict[str, dict[str, Any]], metrics_cfg: DictConfig, extractor: Any) -> dict[str, dict[str, float | None]]:
+    """FID per row and task over the row's generated images, all subjects pooled: FID of a single
+    subject's few dozen images would be mostly estimator noise."""
+    from dreammix.evaluate import fid_of
+
+    fid: dict[str, dict[str, float | None]] = {}
+    for experiment, row in rows.items():
+        by_task: dict[str, list[Path]] = {}
+        for record in row["records"]:
+            by_task.setdefault(record["task"], []).append(row["image_paths"][record["case_id"]])
+        fid[experiment] = {task: fid_of(paths, metrics_cfg, extractor) for task, paths in by_task.items()}
+    return fid
+
+
+def real_images(suite: Any, subjects: list[str], common: list[str], out: Path, conf: Path | None) -> dict[str, Any]:
+    """The "Real images" row of Table 1: each subject's training images scored by our metrics."""
+    from dreammix.benchmark.report import real_images_row
+    from dreammix.evaluate import reference_images, score_real_images
+
+    per_subject = {}
+    for subject in subjects:
+        scfg = compose_config("eval", [*common, "lora_dir=null", kv("subject", subject), kv("run_dir", out / "report")], conf)
+        per_subject[subject] = score_real_images(suite, reference_images(scfg), str(scfg.subject.class_noun))
+    return real_images_row(per_subject)
+
+
 def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
-    from dreammix.benchmark.report import merge_runs, real_images_row, table1_markdown, table3_markdown
-    from dreammix.evaluate import evaluate, fid_of, make_fid_extractor, reference_images, score_real_images
+    from dreammix.benchmark.report import merge_runs, table1_markdown, table3_markdown
+    from dreammix.evaluate import fid_of, make_fid_extractor
 
     bench = cfg.bench
     conf = Path(str(conf_dir)) if conf_dir else None
@@ -227,18 +273,7 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     # 3. evaluation (per subject; FID is computed over the whole row below, not per subject)
     common = [*ov["paths_overrides"], *ov["overrides"], *ov["eval_overrides"], kv("benchmark.out_dir", manifest.parent)]
     models = ModelCache()
-    for experiment in experiments:
-        result.eval_dirs[experiment] = {}
-        for subject in subjects:
-            run_dir = out / "eval" / experiment / subject
-            ecfg = compose_config(
-                "eval",
-                [*common, kv("experiment", experiment), kv("subject", subject), kv("lora_dir", loras[(experiment, subject)]),
-                 kv("run_dir", run_dir), "fid=false"],
-                conf,
-            )  # fmt: skip
-            evaluate(ecfg, pipe_factory=models.pipeline, metric_suite=models.suite(ecfg))
-            result.eval_dirs[experiment][subject] = run_dir
+    result.eval_dirs = evaluate_rows(experiments, subjects, loras, common, out, conf, models)
 
     # 4. tables
     report_cfg = compose_config("eval", [*common, "lora_dir=null", kv("run_dir", out / "report")], conf)
@@ -248,21 +283,12 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     extractor = None
     if bool(bench.get("fid", True)):
         extractor = make_fid_extractor(str(report_cfg.fid_extractor), report_cfg.metrics)
-        for e in experiments:
-            by_task: dict[str, list[Path]] = {}
-            for record in rows[e]["records"]:
-                by_task.setdefault(record["task"], []).append(rows[e]["image_paths"][record["case_id"]])
-            fid[e] = {task: fid_of(paths, report_cfg.metrics, extractor) for task, paths in by_task.items()}
+        fid = row_fids(rows, report_cfg.metrics, extractor)
         backgrounds = sorted({c.image_path for c in cases if c.subject in subjects})
         real_fid = fid_of(backgrounds, report_cfg.metrics, extractor)
     real: dict[str, Any] | None = None
     if bool(bench.get("real_images", True)):
-        suite = models.suite(report_cfg)
-        per_subject = {}
-        for subject in subjects:
-            scfg = compose_config("eval", [*common, "lora_dir=null", kv("subject", subject), kv("run_dir", out / "report")], conf)
-            per_subject[subject] = score_real_images(suite, reference_images(scfg), str(scfg.subject.class_noun))
-        real = real_images_row(per_subject)
+        real = real_images(models.suite(report_cfg), subjects, common, out, conf)
 
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else {}
     note = (
