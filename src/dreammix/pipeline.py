@@ -21,8 +21,9 @@ One denoising schedule of T steps is split at ``k = round(λ·T)`` (DESIGN.md §
    input's size: pixels farther than ``2·feather_radius`` from the mask are bit-identical to it.
 
 Cost equals diffusers' pipeline at the same T: one UNet call (batched CFG) per step in total,
-prompts encoded once, VAE work only at the stage start/switch/end, no host↔device copies in the
-loop beyond what the scheduler itself does.
+one text-encoder call each (the prompt and TAS's eliminated words share a batch), VAE work only at
+the stage start (one batched encoder call: masked image + blending target), switch and end, no
+host↔device copies in the loop beyond what the scheduler itself does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpain
     rescale_noise_cfg,
     retrieve_latents,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -256,6 +258,32 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             latents = retrieve_latents(self.vae.encode(x), generator=generator, sample_mode=mode)
         return (self.vae.config.scaling_factor * latents).to(dtype)
 
+    def _vae_encode_masked_and_clean(
+        self, masked: torch.Tensor, pixels: torch.Tensor, generator: Any, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_vae_encode` of ``masked`` (posterior sample) and of ``pixels`` (mean) in ONE
+        batched encoder call. Only the masked half is sampled, drawing exactly the noise that
+        ``retrieve_latents(vae.encode(masked), generator)`` draws (same shape, generator(s), device
+        and dtype as ``DiagonalGaussianDistribution.sample``), so the random stream is unchanged."""
+        b = masked.shape[0]
+        x = torch.cat([masked, pixels]).to(device=self.vae.device, dtype=self.vae.dtype)
+        dist = getattr(self.vae.encode(x), "latent_dist", None)
+        if not isinstance(dist, DiagonalGaussianDistribution):  # other posteriors: two plain calls
+            return (
+                self._vae_encode(masked, generator, sample=True, dtype=dtype),
+                self._vae_encode(pixels, None, sample=False, dtype=dtype),
+            )
+        mean, std, params = dist.mean, dist.std, dist.parameters
+        if isinstance(generator, list):
+            eps = torch.cat(
+                [randn_tensor(mean[i : i + 1].shape, generator=generator[i], device=params.device, dtype=params.dtype) for i in range(b)]
+            )
+        else:
+            eps = randn_tensor(mean[:b].shape, generator=generator, device=params.device, dtype=params.dtype)
+        sampled = mean[:b] + std[:b] * eps
+        scale = self.vae.config.scaling_factor
+        return (scale * sampled).to(dtype), (scale * mean[b:]).to(dtype)
+
     def _vae_decode(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(x, output_type="pil")
@@ -289,20 +317,24 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
     ) -> dict[str, _Cond]:
         """Encode the prompt once; TAS (Eq. 9) makes the decomposed variant for the stages that use it."""
         lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        text = " ".join(eliminate) if eliminate and tas_stages else None
+        # the eliminated words ride in the same text-encoder batch as the prompt (CLIP's causal
+        # mask and fixed 77-token padding keep every row independent of the others)
         pe, npe, pooled, npooled = self.encode_prompt(
-            prompt=prompt,
+            prompt=prompt if text is None else [prompt, text],
             device=device,
             num_images_per_prompt=num_images,
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             negative_prompt=negative_prompt,
             lora_scale=lora_scale,
         )
+        if text is not None:  # rows: [prompt] * n + [eliminated words] * n
+            epe, epooled = pe[num_images : num_images + 1], pooled[num_images : num_images + 1]
+            pe, pooled = pe[:num_images], pooled[:num_images]
+            if npe is not None:
+                npe, npooled = npe[:num_images], npooled[:num_images]
         variants = {"raw": (pe, pooled)}
-        if eliminate and tas_stages:
-            text = " ".join(eliminate)
-            epe, _, epooled, _ = self.encode_prompt(
-                prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False, lora_scale=lora_scale
-            )
+        if text is not None:
             tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
             variants["tas"] = decompose_prompt_embeds(
                 pe, pooled, epe, epooled, count_text_tokens(tokenizer, prompt), count_text_tokens(tokenizer, text)
@@ -372,20 +404,24 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         # b. noise first, then the masked image posterior sample (diffusers' random order)
         shape = (num_images, self.vae.config.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        masked_latents = self._vae_encode(pixels * (pmask < 0.5), generator, sample=True, dtype=dtype)
+        # c. with the blending target z^L / z^G (Eq. 3, posterior mean) when the stage needs it:
+        #    both images in one batched encoder call
+        masked = pixels * (pmask < 0.5)
+        image_latents = None
+        if blend or start > 0:
+            masked_latents, image_latents = self._vae_encode_masked_and_clean(masked, pixels, generator, dtype)
+            if image_latents.shape[0] != num_images:
+                image_latents = image_latents.repeat(num_images // image_latents.shape[0], 1, 1, 1)
+        else:
+            masked_latents = self._vae_encode(masked, generator, sample=True, dtype=dtype)
         if masked_latents.shape[0] != num_images:
             masked_latents = masked_latents.repeat(num_images // masked_latents.shape[0], 1, 1, 1)
         mask_c, masked_c = self.prepare_mask_latents(
             lmask, masked_latents, num_images, h, w, dtype, device, generator, self.do_classifier_free_guidance
         )
 
-        # c. blending target z^L / z^G (Eq. 3) and the start latent: pure noise at step 0
-        #    (strength 1), else the stage image noised to step k's level (schedule continues)
-        image_latents = None
-        if blend or start > 0:
-            image_latents = self._vae_encode(pixels, None, sample=False, dtype=dtype)
-            if image_latents.shape[0] != num_images:
-                image_latents = image_latents.repeat(num_images // image_latents.shape[0], 1, 1, 1)
+        # d. the start latent: pure noise at step 0 (strength 1), else the stage image noised to
+        #    step k's level (schedule continues)
         if start == 0:
             latents = noise * self.scheduler.init_noise_sigma
         else:
@@ -394,43 +430,48 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         time_ids = self._time_ids(size, cond.pooled.shape[-1], num_images, device, dtype)
         added_cond = {"text_embeds": cond.pooled, "time_ids": time_ids}
         nine_channels = self.unet.config.in_channels == 9
-        keep = 1.0 - lmask
+        # the latent mask is binary, so Eq. 5/6's (1 − m)·target + m·latents is a select (one op)
+        inside = lmask > 0.5
+        # loop invariants read once, not per step (CFG on/off is fixed by the batched embeddings;
+        # the guidance scale itself is read per step, as in diffusers, for callbacks that change it)
+        scheduler, unet = self.scheduler, self.unet
+        cfg, cross_attention_kwargs = self.do_classifier_free_guidance, self.cross_attention_kwargs
 
         result = latents
         for i in range(start, stop):
             t = timesteps[i]
-            model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
             scaled = model_input[:num_images]
             if nine_channels:
                 model_input = torch.cat([model_input, mask_c, masked_c], dim=1)
-            noise_pred = self.unet(
+            noise_pred = unet(
                 model_input,
                 t,
                 encoder_hidden_states=cond.embeds,
-                cross_attention_kwargs=self.cross_attention_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs,
                 added_cond_kwargs=added_cond,
                 return_dict=False,
             )[0]
-            if self.do_classifier_free_guidance:
+            if cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + self.guidance_scale * (text - uncond)
                 if self.guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=self.guidance_rescale)
-            out = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=True)
+            out = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=True)
             latents = out.prev_sample.to(dtype)
 
             if i == stop - 1 and stop < num_inference_steps:
                 # switch: x₀ of this step, Eq. 5 at t = 0 (clean latent outside the mask)
                 x0 = self._predict_x0(out, scaled, noise_pred, t).to(dtype)
-                result = keep * image_latents + lmask * x0 if blend else x0
+                result = torch.where(inside, x0, image_latents) if blend else x0
             elif blend:
                 # Eq. 5 (LCG) / Eq. 6 (GCH): known region = stage image noised to the next level
                 if i + 1 < num_inference_steps:
-                    target = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                    target = scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
                 else:
                     target = image_latents
-                latents = keep * target + lmask * latents
+                latents = torch.where(inside, latents, target)
 
             if callback_on_step_end is not None:
                 outputs = callback_on_step_end(self, i, t, {"latents": latents, "stage": stage}) or {}
