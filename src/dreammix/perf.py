@@ -313,7 +313,8 @@ def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int) -> di
     pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
     ours = DreamMixInpaintPipeline.from_base(pipe)
     theirs = StableDiffusionXLInpaintPipeline(**pipe.components)
-    theirs.set_progress_bar_config(disable=True)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)  # same (no) progress-bar cost on both sides
     res = spec.resolution
     image, mask = _sampling_inputs((res, res))
     prompt, n = "a photo of sks red can", spec.batch
