@@ -420,20 +420,10 @@ def test_real_sdxl_ldm_names_map_through_the_converter():
 
     from dreammix.models.fooocus import diffusers_to_ldm_unet_key
 
+    from dreammix.models.sdxl_arch import UNET_CONFIG
+
     with torch.device("meta"):
-        sdxl = UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        sdxl = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": 4})  # the SDXL *base* UNet
     expected = {
         "input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight": "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight",
         "input_blocks.6.0.op.weight": "down_blocks.1.downsamplers.0.conv.weight",
