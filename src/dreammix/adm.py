@@ -53,6 +53,7 @@ from dreammix.attributes import (
 )
 from dreammix.atomic import atomic_save_image, atomic_write_text
 from dreammix.errors import DreamMixError
+from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 from dreammix.vlm import make_vlm_client
 
 __all__ = [
@@ -511,25 +512,13 @@ def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
 def _log_to_wandb(cfg, out_dir: Path, attributes: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> None:
     """Log the dictionary and a sample table to W&B (offline unless WANDB_MODE says otherwise).
 
-    The logged config is the resolved Hydra config, which holds the *name* of the key's
-    environment variable, never the key.
+    The logged config holds the *name* of the key's environment variable, never the key.
     """
-    logger = cfg.get("logger")
-    if not logger or not logger.get("enabled", False):
+    if not wandb_enabled(cfg):
         return
     import wandb
-    from omegaconf import OmegaConf
 
-    run = wandb.init(
-        project=logger.get("project", "dreammix"),
-        entity=logger.get("entity"),
-        group=logger.get("group"),
-        tags=list(logger.get("tags") or []),
-        name=f"adm-{cfg.subject.name}",
-        job_type="adm",
-        dir=str(cfg.run_dir),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    run = wandb.init(**wandb_init_kwargs(cfg, f"adm-{cfg.subject.name}", cfg.run_dir, "adm"))
     try:
         table = wandb.Table(columns=["image", "mask", "prompt", "seed"])
         for entry in list(entries)[: int(cfg.adm.get("log_samples", 16))]:

@@ -41,6 +41,7 @@ from dreammix.benchmark.manifest import TASKS, Case, read_manifest
 from dreammix.benchmark.records import RecordLog
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
+from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -497,28 +498,14 @@ def score_real_images(suite: Any, paths: Sequence[Path], class_noun: str) -> dic
 def log_to_wandb(cfg: DictConfig, run_dir: Path, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
     """One W&B run per job: the settings, a table of cases (thumbnail of the result and of the
     inpainted crop, prompt, TAS words, scores) and the means as summary values."""
-    logger = cfg.get("logger")
-    if not logger or not logger.get("enabled", False):
+    if not wandb_enabled(cfg):
         return
     import wandb
 
     from dreammix.data.images import load_image
     from dreammix.metrics.common import crop_region
 
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # noqa: BLE001 - an unresolvable key (e.g. hydra:*) must not stop the log
-        config = OmegaConf.to_container(cfg, resolve=False)
-    run = wandb.init(
-        project=logger.get("project", "dreammix"),
-        entity=logger.get("entity"),
-        group=logger.get("group"),
-        tags=list(logger.get("tags") or []),
-        name=f"eval-{cfg.run_name}-{run_dir.name}",
-        job_type="eval",
-        dir=str(run_dir),
-        config=config,
-    )
+    run = wandb.init(**wandb_init_kwargs(cfg, f"eval-{cfg.run_name}-{run_dir.name}", run_dir, "eval"))
     try:
         size = int(cfg.get("thumbnail_size", 256))
         table = wandb.Table(columns=["case_id", "subject", "task", "prompt", "eliminate", "result", "crop", *SCORE_KEYS])

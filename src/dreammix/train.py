@@ -28,6 +28,7 @@ from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,12 @@ def _validation_inputs(subject: Subject, spec: DataSpec, resolution: int, count:
 
 
 def _logger(cfg: DictConfig, run_dir: Path):
-    if not cfg.logger.get("enabled", False):
+    if not wandb_enabled(cfg):
         return False
     from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.get("entity"),
-        group=cfg.logger.get("group"),
-        tags=list(cfg.logger.get("tags") or []),
-        name=f"{cfg.task_name}-{cfg.run_name}-{run_dir.name}",
-        save_dir=str(run_dir),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    kwargs = wandb_init_kwargs(cfg, f"{cfg.task_name}-{cfg.run_name}-{run_dir.name}", run_dir, "train")
+    return WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)  # WandbLogger names wandb.init's `dir` save_dir
 
 
 @dataclass(frozen=True)
