@@ -23,7 +23,7 @@ from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
-from dreammix.data.subjects import Subject, load_source_examples
+from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
@@ -44,10 +44,10 @@ def _training_device(trainer_cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def _validation_inputs(subject: Subject, spec: DataSpec, resolution: int, count: int):
-    examples = load_source_examples(subject, spec.missing_mask)[:count]
+def _validation_inputs(examples: list, resolution: int, count: int):
+    """The first ``count`` source photos and masks at training resolution, as PIL images."""
     images, masks = [], []
-    for example in examples:
+    for example in examples[:count]:
         pixels, mask = square_crop_resize(example, resolution)
         images.append(Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)))
         masks.append(Image.fromarray((mask.numpy() * 255).astype(np.uint8), mode="L"))
@@ -105,7 +105,9 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
 
 
-def _callbacks(cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, run_dir: Path) -> list[L.Callback]:
+def _callbacks(
+    cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, source_examples: list, run_dir: Path
+) -> list[L.Callback]:
     """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
     callbacks: list[L.Callback] = [
         L.pytorch.callbacks.ModelCheckpoint(
@@ -115,7 +117,7 @@ def _callbacks(cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEnc
     ]
     val = cfg.validation
     if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
-        images, masks = _validation_inputs(specs.subject, specs.data, specs.model.resolution, int(val.num_samples))
+        images, masks = _validation_inputs(source_examples, specs.model.resolution, int(val.num_samples))
         embeds, pooled = encoder.encode_prompts([specs.data.source_prompt])
         callbacks.append(SampleGridCallback(
             pipe, images, masks, embeds, pooled, run_dir / "samples", int(val.every_n_steps),
@@ -152,7 +154,7 @@ def train(cfg: DictConfig) -> Path:
         specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
     )
     datamodule.setup("fit")
-    callbacks = _callbacks(cfg, specs, pipe, encoder, run_dir)
+    callbacks = _callbacks(cfg, specs, pipe, encoder, datamodule.source_examples, run_dir)
     # Everything the text encoders will ever produce is cached now: free their memory.
     pipe.text_encoder.to("cpu")
     pipe.text_encoder_2.to("cpu")

@@ -120,6 +120,7 @@ class DreamMixDataModule(L.LightningDataModule):
         self.subject, self.spec, self.encoder = subject, spec, encoder
         self.resolution, self.use_regular, self.seed = resolution, use_regular, seed
         self.source: CachedInpaintSet | None = None
+        self.source_examples: list = []  # the decoded photos + masks (validation renders reuse them)
         self.regular: CachedInpaintSet | None = None
 
     def regular_available(self) -> bool:
@@ -128,7 +129,7 @@ class DreamMixDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.source is not None:
             return  # encoded once, even if Lightning calls setup again
-        examples = load_source_examples(self.subject, self.spec.missing_mask)
+        examples = self.source_examples = load_source_examples(self.subject, self.spec.missing_mask)
         self.source = encode_examples(
             examples,
             [self.spec.source_prompt],
