@@ -1,7 +1,10 @@
 """The performance harness runs end to end and reports what the issue asks (no timing asserts)."""
 
 import json
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,5 +71,56 @@ def test_harness_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert saved["unet_calls_ours"] == saved["unet_calls_diffusers"] == 3
     run = saved["training_runs"][0]
     assert run["ours_step_s"] > 0 and run["bare_step_s"] > 0 and run["resolution"] == 64
+    assert run["flops_per_step"] > 0 and run["achieved_tflops"] > 0
+    assert run["ours_peak_bytes"] > 100 * 2**20 and saved["sampling_runs"][0]["diffusers_peak_bytes"] > 100 * 2**20
     assert (tmp_path / "report.md").read_text().startswith("# Performance report (tiny on cpu)")
     assert report["model"] == "tiny"
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_is_the_blocks_own():
+    """An allocation inside the block shows in its peak; one freed before the block does not."""
+    cpu = torch.device("cpu")
+    before = np.ones(300 * 2**20 // 8)
+    del before
+    with perf.peak_memory(cpu) as quiet:
+        pass
+    with perf.peak_memory(cpu) as busy:
+        inside = np.ones(300 * 2**20 // 8)
+        del inside
+    assert busy["peak_bytes"] - quiet["peak_bytes"] > 250 * 2**20
+    assert quiet["peak_bytes"] > 0
+
+
+def test_isolated_runs_in_a_fresh_process_and_raises_its_errors():
+    assert perf.isolated(os.getpid) != os.getpid()
+    with pytest.raises(ValueError):
+        perf.isolated(int, "not a number")
+
+
+def test_model_flops_count_forward_and_backward(tiny_model_dir):
+    """Training FLOPs of one step exceed the forward's: backward through the frozen base is counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreammix.module import inpaint_unet_forward
+
+    spec = perf.RunSpec("tiny", 64, 1, torch.device("cpu"), torch.float32, False, Path(tiny_model_dir).parent)
+    loop = perf._BareLoop(spec)
+    batch = next(loop.batches())
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        inpaint_unet_forward(loop.unet, batch["latents"], torch.tensor([10]), batch["mask"], batch["masked_latents"],
+                             batch["prompt_embeds"], batch["pooled_embeds"], batch["time_ids"])
+    step = loop.model_flops(batch)
+    # frozen base: backward computes activation gradients (~1x forward), weight gradients only for LoRA
+    assert 1.5 * forward.get_total_flops() < step < 3.2 * forward.get_total_flops()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-cases", "64xa"], "not RESOLUTIONxBATCH"),
+    (["--sample-cases", "60x1"], "multiple of 8"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        perf.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

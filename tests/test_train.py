@@ -197,3 +197,47 @@ def test_gradient_checkpointing_still_trains_the_lora(tiny_model_dir):
     ckpt_module.compute_losses(batch)["loss"].backward()
     grads = [p.grad for p in ckpt_module.lora_params]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def _fit(module, batch, callbacks=(), **trainer_kwargs):
+    """``trainer.fit`` on ``batch`` repeated (the module-level tests' batches, no datamodule)."""
+    import lightning as L
+
+    trainer_kwargs.setdefault("logger", False)
+    trainer = L.Trainer(accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks), **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch] * 40, batch_size=None))
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_losses_reach_the_loggers_once_per_log_step(tiny_model_dir, accumulate):
+    """train/loss, its parts and the lr go to every logger on each log_every_n_steps-th optimizer
+    step (once, also with gradient accumulation), and train/loss to the progress bar."""
+    from lightning.pytorch.loggers import Logger
+
+    from dreammix.module import LossSpec, OptimSpec
+
+    class MemoryLogger(Logger):
+        name, version = "memory", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    module, batch = _module_and_batch(tiny_model_dir, LossSpec(beta=0.4))
+    module.optim_spec = OptimSpec(lr=3e-4)
+    logger = MemoryLogger()
+    trainer = _fit(module, batch, max_steps=5, log_every_n_steps=2, accumulate_grad_batches=accumulate, logger=logger)
+    assert [step for step, _ in logger.rows] == [0, 2, 4]
+    for _, metrics in logger.rows:
+        assert set(metrics) == {"train/loss", "train/loss_source", "train/loss_regular", "train/lr"}
+        assert metrics["train/lr"] == 3e-4
+        assert metrics["train/loss"] == pytest.approx(metrics["train/loss_source"] + 0.4 * metrics["train/loss_regular"], rel=1e-5)
+    assert "train/loss" in trainer.progress_bar_metrics

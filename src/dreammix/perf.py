@@ -2,7 +2,7 @@
 
 ``python -m dreammix.perf --model tiny`` (or ``make perf``) writes ``outputs/perf/report.json`` and
 ``report.md``. Every figure is a median over repeated runs after warm-up, and every speed figure
-is also a ratio against a baseline measured in the same process on the same model and inputs:
+is also a ratio against a baseline measured in the same run on the same model and inputs:
 
 1. training step — our Lightning module + datamodule vs a bare PyTorch loop over the same UNet,
    LoRA, loss and optimizer (what diffusers' example scripts do);
@@ -10,8 +10,13 @@ is also a ratio against a baseline measured in the same process on the same mode
    ``StableDiffusionXLInpaintPipeline`` at equal steps (seconds per image, UNet calls per image);
 3. scaling — both at several resolutions and batch sizes.
 
-With ``--model sdxl_arch`` (real SDXL shapes, random weights) on a GPU it also records bf16 step
-time, peak CUDA memory and model FLOP utilisation (FLOPs from ``torch.utils.flop_counter``).
+Every run (one side, one repeat) is a fresh process forked from a server that has only imported
+the libraries: no run inherits the allocator state, caches or leftover memory of another, so
+peak memory is each side's own (CUDA max allocated on a GPU, peak RSS on the CPU), and the sides
+alternate so a drift of a shared machine lands on both. Model FLOPs per training step come from
+``torch.utils.flop_counter`` (forward + backward, no checkpoint recomputation); with
+``--model sdxl_arch`` (real SDXL shapes, random weights) on a GPU the report adds bf16 step time,
+images/s, peak GPU memory and model FLOP utilisation at 1024 px.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
+import resource
 import statistics
-import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,10 @@ GPU_TRAIN_PEAK_GB_MAX = 12.0
 GPU_MFU_MIN = 0.40
 GPU_INFER_PEAK_GB_MAX = 10.0
 
+# What the run processes need, imported once by the fork server so each run starts in milliseconds.
+_PRELOAD = ["torch", "lightning", "diffusers", "transformers", "peft", "dreammix.module", "dreammix.pipeline",
+            "dreammix.data.datamodule", "dreammix.models.loading"]
+
 
 # ---- measurement helpers ----------------------------------------------------------------------
 
@@ -46,35 +58,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where it can't."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process lifetime, Linux units
 
 
 @contextmanager
 def peak_memory(device: torch.device):
-    """Peak CUDA bytes allocated (GPU) or peak resident set size sampled every 20 ms (CPU)."""
+    """Peak memory of the block: CUDA max allocated (GPU) or the kernel's peak RSS (CPU).
+
+    On the CPU the counter is reset at the start of the block where Linux allows it
+    (``/proc/self/clear_refs``); elsewhere it covers the process since its start, which is still
+    one side's own figure because every run is a fresh process.
+    """
     result = {"peak_bytes": 0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        yield result
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        return
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            result["peak_bytes"] = max(result["peak_bytes"], _rss_bytes())
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    else:
+        _reset_peak_rss()
     try:
         yield result
     finally:
-        stop.set()
-        thread.join()
-        result["peak_bytes"] = max(result["peak_bytes"], _rss_bytes())
+        if device.type == "cuda":
+            result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        else:
+            result["peak_bytes"] = _peak_rss_bytes()
 
 
 class CallCounter:
@@ -98,10 +122,52 @@ def _median_step_seconds(ends: list[float], warmup: int) -> float:
     return float(statistics.median(gaps))
 
 
+def _pin_cpu_threads(device: torch.device) -> None:
+    """CPU runs compute on one thread: on a small shared machine two threads of tiny kernels are
+    at the mercy of every other process, and run-to-run spread grows from a few % to tens of %."""
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _quiet() -> None:
+    """No progress bars or info logs from the libraries, in this process and the run processes
+    (the environment is inherited by the fork server; the loggers are set in each process)."""
+    import logging
+
+    for var, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(var, value)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+_CONTEXT = None
+
+
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh child process (forked from a server that preloaded ``_PRELOAD``).
+
+    The child's result (or exception) comes back pickled; nothing the run allocated outlives it.
+    """
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(_PRELOAD)
+    with ProcessPoolExecutor(max_workers=1, mp_context=_CONTEXT, initializer=_quiet) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ---- models and inputs --------------------------------------------------------------------------
@@ -141,7 +207,7 @@ def synthetic_examples(n: int, size: int, seed: int = 0):
 
 # ---- 1. training step ---------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class RunSpec:
     model: str
     resolution: int
@@ -159,66 +225,81 @@ def _cached_set(pipe, spec: RunSpec):
     return encode_examples(synthetic_examples(max(4, spec.batch), spec.resolution), ["a photo of sks can"], encoder, spec.resolution)
 
 
-def bare_training_loop(spec: RunSpec, steps: int, warmup: int) -> dict:
+class _BareLoop:
     """The baseline: a plain PyTorch loop (diffusers example-script style) on the same pieces."""
-    from diffusers import DDPMScheduler
 
-    from dreammix.losses import reweighted_mse
-    from dreammix.models.lora import LoraSpec, add_lora
-    from dreammix.module import inpaint_unet_forward
+    def __init__(self, spec: RunSpec):
+        from diffusers import DDPMScheduler
 
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
-    cached = _cached_set(pipe, spec)
-    unet = pipe.unet
-    params = add_lora(unet, LoraSpec())
-    unet_dtype = unet.dtype
-    if spec.model != "tiny":
-        unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.Adam(params, lr=1e-4, fused=spec.device.type == "cuda")
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    loader = torch.utils.data.DataLoader(cached, batch_size=spec.batch, shuffle=True, drop_last=True)
-    counter = CallCounter([pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder])
-    ends: list[float] = []
-    flops = None
+        from dreammix.models.lora import LoraSpec, add_lora
 
-    def step(batch):
+        self.spec = spec
+        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+        self.unet = self.pipe.unet
+        self.params = add_lora(self.unet, LoraSpec())
+        self.unet.train()  # as DreamMixLoRAModule does
+        self.unet_dtype = self.unet.dtype
+        self.checkpointing = spec.model != "tiny"
+        if self.checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.optimizer = torch.optim.Adam(self.params, lr=1e-4, fused=spec.device.type == "cuda")
+        self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.loader = torch.utils.data.DataLoader(_cached_set(self.pipe, spec), batch_size=spec.batch, shuffle=True, drop_last=True)
+
+    def batches(self):
+        while True:
+            yield from self.loader
+
+    def step(self, batch: dict) -> None:
+        from dreammix.losses import reweighted_mse
+        from dreammix.module import inpaint_unet_forward
+
+        spec = self.spec
         batch = {k: v.to(spec.device, non_blocking=True) for k, v in batch.items()}
         latents = batch["latents"]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=spec.device)
-        noisy = scheduler.add_noise(latents, noise, t)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=spec.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
         with torch.autocast(spec.device.type, dtype=torch.bfloat16, enabled=spec.mixed_bf16):
-            pred = inpaint_unet_forward(unet, noisy, t, batch["mask"], batch["masked_latents"],
-                                        batch["prompt_embeds"], batch["pooled_embeds"], batch["time_ids"], dtype=unet_dtype)
+            pred = inpaint_unet_forward(self.unet, noisy, t, batch["mask"], batch["masked_latents"],
+                                        batch["prompt_embeds"], batch["pooled_embeds"], batch["time_ids"], dtype=self.unet_dtype)
         loss = reweighted_mse(pred, noise, batch["mask"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    with peak_memory(spec.device) as mem:
-        done = 0
-        while done < warmup + steps + 1:
-            for batch in loader:
-                if done == warmup and spec.device.type == "cuda":
-                    from torch.utils.flop_counter import FlopCounterMode
+    def model_flops(self, batch: dict) -> int:
+        """FLOPs of one training step as the model defines it: forward + backward, counted with
+        gradient checkpointing off so recomputed activations do not inflate MFU."""
+        from torch.utils.flop_counter import FlopCounterMode
 
-                    with FlopCounterMode(display=False) as fc:
-                        step(batch)
-                    flops = fc.get_total_flops()
-                else:
-                    step(batch)
-                _sync(spec.device)
-                ends.append(time.perf_counter())
-                done += 1
-                if done >= warmup + steps + 1:
-                    break
-    counter.remove()
-    result = {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
-              "frozen_encoder_calls": counter.count, "flops_per_step": flops}
-    del pipe, unet, optimizer, params, cached
+        if self.checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        with FlopCounterMode(display=False) as counter:
+            self.step(batch)
+        if self.checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        return counter.get_total_flops()
+
+
+def bare_training_loop(spec: RunSpec, steps: int, warmup: int) -> dict:
+    """Seconds per step and peak memory of the bare loop; also the model FLOPs of one step."""
+    _pin_cpu_threads(spec.device)
+    loop = _BareLoop(spec)
+    counter = CallCounter([loop.pipe.text_encoder, loop.pipe.text_encoder_2, loop.pipe.vae.encoder])
+    batches = loop.batches()
+    flops = loop.model_flops(next(batches))
     _free(spec.device)
-    return result
+    ends: list[float] = []
+    with peak_memory(spec.device) as mem:
+        for _ in range(warmup + steps + 1):
+            loop.step(next(batches))
+            _sync(spec.device)
+            ends.append(time.perf_counter())
+    counter.remove()
+    return {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
+            "frozen_encoder_calls": counter.count, "flops_per_step": flops}
 
 
 def lightning_training(spec: RunSpec, steps: int, warmup: int) -> dict:
@@ -231,6 +312,7 @@ def lightning_training(spec: RunSpec, steps: int, warmup: int) -> dict:
     from dreammix.models.lora import LoraSpec
     from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 
+    _pin_cpu_threads(spec.device)
     pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
     datamodule = DreamMixDataModule(
         subject=None, spec=DataSpec(source_prompt="a photo of sks can", batch_size=spec.batch, mask_variants=1),
@@ -255,37 +337,54 @@ def lightning_training(spec: RunSpec, steps: int, warmup: int) -> dict:
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
         callbacks=[StepTimer()], num_sanity_val_steps=0, limit_val_batches=0,
     )
+    _free(spec.device)
     with peak_memory(spec.device) as mem:
         trainer.fit(module, datamodule=datamodule)
     counter.remove()
-    result = {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
-              "frozen_encoder_calls": counter.count}
-    del pipe, module, trainer, datamodule
-    _free(spec.device)
-    return result
+    return {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
+            "frozen_encoder_calls": counter.count}
+
+
+def _alternating(repeats: int, baseline, ours, *args) -> tuple[list[dict], list[dict]]:
+    """``repeats`` pairs of isolated runs, the order flipped every pair (no side always goes first)."""
+    base_runs, our_runs = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            base_runs.append(isolated(baseline, *args))
+            our_runs.append(isolated(ours, *args))
+        else:
+            our_runs.append(isolated(ours, *args))
+            base_runs.append(isolated(baseline, *args))
+    return base_runs, our_runs
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def _paired_ratio(ours: list[dict], base: list[dict], key: str) -> float:
+    """Median of the per-pair ratios: each pair ran back to back, so slow drifts of a shared
+    machine cancel within a pair instead of landing on one side."""
+    return float(statistics.median(o[key] / b[key] for o, b in zip(ours, base)))
 
 
 def measure_training(spec: RunSpec, steps: int, warmup: int, repeats: int) -> dict:
-    """``repeats`` alternating runs of the baseline and ours: medians of each, median paired ratio."""
-    bare, ours = [], []
-    for _ in range(repeats):
-        bare.append(bare_training_loop(spec, steps, warmup))
-        ours.append(lightning_training(spec, steps, warmup))
-    med = lambda runs, key: float(statistics.median(r[key] for r in runs))  # noqa: E731
+    """``repeats`` alternating isolated runs of the baseline and ours: medians, paired ratio, FLOPs."""
+    bare, ours = _alternating(repeats, bare_training_loop, lightning_training, spec, steps, warmup)
     out = {
         "model": spec.model, "resolution": spec.resolution, "batch": spec.batch, "device": spec.device.type,
-        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32",
-        "ours_step_s": med(ours, "step_s"), "bare_step_s": med(bare, "step_s"),
+        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32", "repeats": repeats, "steps_per_run": steps,
+        "ours_step_s": _median(ours, "step_s"), "bare_step_s": _median(bare, "step_s"),
         "ours_peak_bytes": max(r["peak_bytes"] for r in ours), "bare_peak_bytes": max(r["peak_bytes"] for r in bare),
         "frozen_encoder_calls_during_training": sum(r["frozen_encoder_calls"] for r in ours),
+        "train_step_ratio": _paired_ratio(ours, bare, "step_s"),
+        "ours_step_s_runs": [r["step_s"] for r in ours], "bare_step_s_runs": [r["step_s"] for r in bare],
     }
-    # Median of the per-repeat ratios: each pair ran back to back, so slow drifts of a shared
-    # machine cancel within a pair instead of landing on one side.
-    out["train_step_ratio"] = float(statistics.median(o["step_s"] / b["step_s"] for o, b in zip(ours, bare)))
-    flops = bare[0].get("flops_per_step")
+    flops = bare[0]["flops_per_step"]
     if flops:
         out["flops_per_step"] = flops
         out["achieved_tflops"] = flops / out["ours_step_s"] / 1e12
+        out["bare_achieved_tflops"] = flops / out["bare_step_s"] / 1e12
     return out
 
 
@@ -300,67 +399,74 @@ def _sampling_inputs(size: tuple[int, int], seed: int = 0):
     return image, Image.fromarray(mask, mode="L")
 
 
-def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int) -> dict:
-    """Seconds and UNet calls per image: DreamMix (DIF λ=0.7 + TAS) vs diffusers' SDXL inpainting.
-
-    Both run on the same pipeline object (same weights, same device), at the model resolution,
-    classifier-free guidance on, ``repeats`` alternating timed calls after ``warmup`` calls each.
-    """
+def _sampler_call(side: str, pipe, spec: RunSpec, steps: int):
+    """One timed unit of work for ``side``: a call that makes ``spec.batch`` images."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
     from dreammix.pipeline import DreamMixInpaintPipeline
 
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
-    ours = DreamMixInpaintPipeline.from_base(pipe)
-    theirs = StableDiffusionXLInpaintPipeline(**pipe.components)
-    for p in (ours, theirs):
-        p.set_progress_bar_config(disable=True)  # same (no) progress-bar cost on both sides
-    res = spec.resolution
+    res, n = spec.resolution, spec.batch
     image, mask = _sampling_inputs((res, res))
-    prompt, n = "a photo of sks red can", spec.batch
+    prompt = "a photo of sks red can"
+    if side == "ours":
+        ours = DreamMixInpaintPipeline.from_base(pipe)
+        ours.set_progress_bar_config(disable=True)
+        return lambda: ours(
+            image=image, mask_image=mask, prompt=prompt, num_inference_steps=steps, guidance_scale=5.0,
+            lambda_=0.7, eliminate=["silver"], num_images_per_prompt=n, resolution=res,
+            generator=torch.Generator().manual_seed(0), output_type="pil",
+        )
+    theirs = StableDiffusionXLInpaintPipeline(**pipe.components)
+    theirs.set_progress_bar_config(disable=True)  # same (no) progress-bar cost on both sides
+    return lambda: theirs(
+        prompt=prompt, image=image, mask_image=mask, height=res, width=res, strength=1.0,
+        num_inference_steps=steps, guidance_scale=5.0, num_images_per_prompt=n,
+        generator=torch.Generator().manual_seed(0), output_type="pil",
+    )
+
+
+def sampling_run(side: str, spec: RunSpec, steps: int, warmup: int, calls: int) -> dict:
+    """One side's run: ``warmup`` calls, one counted call (UNet calls per image), then the median
+    of ``calls`` timed calls in seconds per image, and the peak memory over them. UNet calls are
+    per pipeline call: classifier-free guidance and the ``batch`` images share each call."""
+    _pin_cpu_threads(spec.device)
+    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+    call = _sampler_call(side, pipe, spec, steps)
+    for _ in range(warmup):
+        call()
     counter = CallCounter([pipe.unet])
-
-    def run_ours():
-        ours(image=image, mask_image=mask, prompt=prompt, num_inference_steps=steps, guidance_scale=5.0,
-             lambda_=0.7, eliminate=["silver"], num_images_per_prompt=n, resolution=res,
-             generator=torch.Generator().manual_seed(0), output_type="pil")
-
-    def run_theirs():
-        theirs(prompt=prompt, image=image, mask_image=mask, height=res, width=res, strength=1.0,
-               num_inference_steps=steps, guidance_scale=5.0, num_images_per_prompt=n,
-               generator=torch.Generator().manual_seed(0), output_type="pil")
-
-    timings = {"ours": [], "diffusers": []}
-    calls = {}
-    with torch.autocast(spec.device.type, dtype=torch.bfloat16, enabled=False):
-        for name, fn in (("ours", run_ours), ("diffusers", run_theirs)):
-            for _ in range(warmup):
-                fn()
-            counter.count = 0
-            fn()
-            calls[name] = counter.count
-        peaks = {}
-        for _ in range(repeats):
-            for name, fn in (("diffusers", run_theirs), ("ours", run_ours)):
-                with peak_memory(spec.device) as mem:
-                    _sync(spec.device)
-                    start = time.perf_counter()
-                    fn()
-                    _sync(spec.device)
-                    timings[name].append((time.perf_counter() - start) / n)
-                peaks[name] = max(peaks.get(name, 0), mem["peak_bytes"])
+    call()
     counter.remove()
-    out = {
-        "model": spec.model, "resolution": res, "batch": n, "device": spec.device.type, "steps": steps,
-        "ours_s_per_image": float(statistics.median(timings["ours"])),
-        "diffusers_s_per_image": float(statistics.median(timings["diffusers"])),
-        "unet_calls_ours": calls["ours"], "unet_calls_diffusers": calls["diffusers"],
-        "ours_peak_bytes": peaks["ours"], "diffusers_peak_bytes": peaks["diffusers"],
-    }
-    out["sampler_ratio"] = float(statistics.median(o / d for o, d in zip(timings["ours"], timings["diffusers"])))
-    del pipe, ours, theirs
     _free(spec.device)
-    return out
+    seconds = []
+    with peak_memory(spec.device) as mem:
+        for _ in range(calls):
+            _sync(spec.device)
+            start = time.perf_counter()
+            call()
+            _sync(spec.device)
+            seconds.append((time.perf_counter() - start) / spec.batch)
+    return {"s_per_image": float(statistics.median(seconds)), "peak_bytes": mem["peak_bytes"], "unet_calls": counter.count}
+
+
+def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int, calls: int = 3) -> dict:
+    """Seconds and UNet calls per image: DreamMix (DIF λ=0.7 + TAS) vs diffusers' SDXL inpainting.
+
+    Same model, weights, device, inputs and steps, classifier-free guidance on, at the model
+    resolution; ``repeats`` alternating isolated runs of each side.
+    """
+    theirs, ours = _alternating(repeats, partial(sampling_run, "diffusers"), partial(sampling_run, "ours"),
+                                spec, steps, warmup, calls)
+    return {
+        "model": spec.model, "resolution": spec.resolution, "batch": spec.batch, "device": spec.device.type,
+        "steps": steps, "repeats": repeats, "timed_calls_per_run": calls,
+        "ours_s_per_image": _median(ours, "s_per_image"), "diffusers_s_per_image": _median(theirs, "s_per_image"),
+        "unet_calls_ours": ours[0]["unet_calls"], "unet_calls_diffusers": theirs[0]["unet_calls"],
+        "ours_peak_bytes": max(r["peak_bytes"] for r in ours), "diffusers_peak_bytes": max(r["peak_bytes"] for r in theirs),
+        "sampler_ratio": _paired_ratio(ours, theirs, "s_per_image"),
+        "ours_s_per_image_runs": [r["s_per_image"] for r in ours],
+        "diffusers_s_per_image_runs": [r["s_per_image"] for r in theirs],
+    }
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -406,78 +512,100 @@ def build_report(training: list[dict], sampling: list[dict], model: str, device:
 def report_markdown(report: dict) -> str:
     mib = 1024**2
     lines = [f"# Performance report ({report['model']} on {report['device']})", "",
-             "Every figure is a median after warm-up; ratios are ours / baseline measured in the same run.", "",
+             "Every figure is a median after warm-up; ratios are the median of per-pair ratios ours / baseline, "
+             "the two sides run alternately in the same session.", "",
              "## Targets", "", "| target | result |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["targets"].items()]
     lines += ["", "## Training step (ours = Lightning module + datamodule; baseline = bare PyTorch loop)", "",
-              "| res | batch | precision | ours s/step | bare s/step | ratio | ours peak MiB | bare peak MiB | encoder calls |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| res | batch | precision | ours s/step | bare s/step | ratio | ours peak MiB | bare peak MiB | "
+              "encoder calls | model GFLOP/step | ours TFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["training_runs"]:
+        flops = f"{t['flops_per_step'] / 1e9:.1f} | {t['achieved_tflops']:.3f}" if t.get("flops_per_step") else "– | –"
         lines.append(f"| {t['resolution']} | {t['batch']} | {t['precision']} | {t['ours_step_s']:.4f} | {t['bare_step_s']:.4f} | "
                      f"{t['train_step_ratio']:.3f} | {t['ours_peak_bytes'] / mib:.0f} | {t['bare_peak_bytes'] / mib:.0f} | "
-                     f"{t['frozen_encoder_calls_during_training']} |")
+                     f"{t['frozen_encoder_calls_during_training']} | {flops} |")
     lines += ["", "## Sampling (ours = DreamMixInpaintPipeline, DIF λ=0.7 + TAS; baseline = diffusers SDXL inpainting)", "",
-              "| res | batch | steps | ours s/img | diffusers s/img | ratio | UNet calls ours | UNet calls diffusers | ours peak MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| res | batch | steps | ours s/img | diffusers s/img | ratio | UNet calls ours | UNet calls diffusers | "
+              "ours peak MiB | diffusers peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["sampling_runs"]:
         lines.append(f"| {s['resolution']} | {s['batch']} | {s['steps']} | {s['ours_s_per_image']:.4f} | "
                      f"{s['diffusers_s_per_image']:.4f} | {s['sampler_ratio']:.3f} | {s['unet_calls_ours']} | "
-                     f"{s['unet_calls_diffusers']} | {s['ours_peak_bytes'] / mib:.0f} |")
+                     f"{s['unet_calls_diffusers']} | {s['ours_peak_bytes'] / mib:.0f} | {s['diffusers_peak_bytes'] / mib:.0f} |")
+    lines += ["", "UNet calls are per pipeline call (guidance and the batch's images share each call). Every run "
+              "is a fresh process; peak memory is CUDA max allocated on a GPU, peak RSS on the CPU."]
     if "model_flop_utilisation" in report:
         lines += ["", f"Model FLOP utilisation at 1024 px: {report['model_flop_utilisation']:.1%}"]
     return "\n".join(lines) + "\n"
 
 
+DEFAULT_CASES = {"tiny": "64x1,128x1,128x2", "sdxl_arch": "1024x1,768x1,1024x2"}
+DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM bf16 dense
+
+
 def _pairs(text: str) -> list[tuple[int, int]]:
-    """``"64x1,128x2"`` → ``[(64, 1), (128, 2)]`` (resolution x batch)."""
+    """``"64x1,128x2"`` → ``[(64, 1), (128, 2)]`` (resolution x batch; resolution a multiple of 8)."""
     out = []
     for item in text.split(","):
         res, _, batch = item.strip().partition("x")
-        out.append((int(res), int(batch or 1)))
+        try:
+            pair = (int(res), int(batch or 1))
+        except ValueError:
+            raise ValueError(f"case {item.strip()!r} is not RESOLUTIONxBATCH, e.g. 128x2") from None
+        if pair[0] < 8 or pair[0] % 8 or pair[1] < 1:
+            raise ValueError(f"case {item.strip()!r}: resolution must be a positive multiple of 8, batch >= 1")
+        out.append(pair)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m dreammix.perf", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "sdxl_arch"], default="tiny")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--train-cases", default=None, help="resolution x batch list, e.g. 64x1,128x1,128x2")
     parser.add_argument("--sample-cases", default=None, help="resolution x batch list for sampling")
     parser.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per run")
     parser.add_argument("--sample-steps", type=int, default=30, help="denoising steps per image (paper: 30)")
+    parser.add_argument("--sample-calls", type=int, default=3, help="timed pipeline calls per sampling run")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of baseline and ours")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 dense peak (H100/H200: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="accelerator bf16 dense peak for MFU (default on CUDA: 989, H100/H200)")
     parser.add_argument("--out", default="outputs/perf")
     parser.add_argument("--cache-dir", default=os.environ.get("DREAMMIX_CACHE", ".cache"))
     args = parser.parse_args(argv)
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model == "sdxl_arch" and device.type != "cuda":
-        parser.error("--model sdxl_arch needs a CUDA GPU (random SDXL weights are 10 GB in fp32)")
+    for name in ("train_steps", "sample_steps", "sample_calls", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    try:
+        train_cases = _pairs(args.train_cases or DEFAULT_CASES[args.model])
+        sample_cases = _pairs(args.sample_cases or DEFAULT_CASES[args.model])
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     gpu = device.type == "cuda"
-    default_train = "1024x1,768x1,1024x2" if args.model == "sdxl_arch" else "64x1,128x1,128x2"
-    default_sample = "1024x1,768x1,1024x2" if args.model == "sdxl_arch" else "64x1,128x1,128x2"
+    if args.model == "sdxl_arch" and not gpu and not args.train_cases:
+        print("note: sdxl_arch on the CPU needs ~14 GB of RAM and minutes per step at 1024 px; "
+              "pass small --train-cases/--sample-cases (e.g. 128x1) for a smoke run")
+    _quiet()
     dtype = torch.bfloat16 if gpu else torch.float32
     cache = Path(args.cache_dir)
     training = [
         measure_training(RunSpec(args.model, r, b, device, dtype, gpu, cache), args.train_steps, args.warmup, args.repeats)
-        for r, b in _pairs(args.train_cases or default_train)
+        for r, b in train_cases
     ]
     sampling = [
-        measure_sampling(RunSpec(args.model, r, b, device, dtype, gpu, cache), args.sample_steps, max(1, args.warmup // 2), args.repeats)
-        for r, b in _pairs(args.sample_cases or default_sample)
+        measure_sampling(RunSpec(args.model, r, b, device, dtype, gpu, cache), args.sample_steps,
+                         max(1, args.warmup // 2), args.repeats, args.sample_calls)
+        for r, b in sample_cases
     ]
-    report = build_report(training, sampling, args.model, device.type, args.peak_tflops if gpu else None)
+    peak = args.peak_tflops or (DEFAULT_PEAK_TFLOPS if gpu else None)
+    report = build_report(training, sampling, args.model, device.type, peak)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
