@@ -21,6 +21,7 @@ def _sampling(ratio, ours_calls=10, their_calls=10, res=64, batch=1):
     return {"model": "tiny", "resolution": res, "batch": batch, "device": "cpu", "steps": 5,
             "ours_s_per_image": ratio, "diffusers_s_per_image": 1.0, "unet_calls_ours": ours_calls,
             "unet_calls_diffusers": their_calls, "ours_peak_bytes": 2**30, "diffusers_peak_bytes": 2**30,
+            "vae_images_ours": 6, "vae_images_diffusers": 2, "ours_gflop_per_image": 2.0, "diffusers_gflop_per_image": 1.9,
             "sampler_ratio": ratio}
 
 
@@ -69,6 +70,11 @@ def test_harness_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert saved["frozen_encoder_calls_during_training"] == 0
     # DIF splits the same schedule: no extra UNet calls (one call per step, guidance batched in it)
     assert saved["unet_calls_ours"] == saved["unet_calls_diffusers"] == 3
+    sampling = saved["sampling_runs"][0]
+    # diffusers: encode the masked image, decode the result; DIF: crop and x^G, each with its
+    # blending target, and a decode at the switch
+    assert (sampling["vae_images_diffusers"], sampling["vae_images_ours"]) == (2, 6)
+    assert sampling["ours_gflop_per_image"] > sampling["diffusers_gflop_per_image"] > 0
     run = saved["training_runs"][0]
     assert run["ours_step_s"] > 0 and run["bare_step_s"] > 0 and run["resolution"] == 64
     assert run["flops_per_step"] > 0 and run["achieved_tflops"] > 0
@@ -110,7 +116,7 @@ def test_model_flops_count_forward_and_backward(tiny_model_dir):
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
         inpaint_unet_forward(loop.unet, batch["latents"], torch.tensor([10]), batch["mask"], batch["masked_latents"],
                              batch["prompt_embeds"], batch["pooled_embeds"], batch["time_ids"])
-    step = loop.model_flops(batch)
+    step = loop.model_flops()
     # frozen base: backward computes activation gradients (~1x forward), weight gradients only for LoRA
     assert 1.5 * forward.get_total_flops() < step < 3.2 * forward.get_total_flops()
 

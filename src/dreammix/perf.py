@@ -10,13 +10,15 @@ is also a ratio against a baseline measured in the same run on the same model an
    ``StableDiffusionXLInpaintPipeline`` at equal steps (seconds per image, UNet calls per image);
 3. scaling — both at several resolutions and batch sizes.
 
-Every run (one side, one repeat) is a fresh process forked from a server that has only imported
-the libraries: no run inherits the allocator state, caches or leftover memory of another, so
-peak memory is each side's own (CUDA max allocated on a GPU, peak RSS on the CPU), and the sides
-alternate so a drift of a shared machine lands on both. Model FLOPs per training step come from
-``torch.utils.flop_counter`` (forward + backward, no checkpoint recomputation); with
-``--model sdxl_arch`` (real SDXL shapes, random weights) on a GPU the report adds bf16 step time,
-images/s, peak GPU memory and model FLOP utilisation at 1024 px.
+Speed comes from alternating short chunks of both sides inside one fresh process (a slow spell
+of a shared machine then slows both sides of a pair, not one side's whole run), repeated in
+``--repeats`` processes; the ratio is the median of the per-pair ratios. Peak memory (CUDA max
+allocated on a GPU, peak RSS on the CPU), UNet calls and frozen-encoder calls come from one run of
+each side alone in its own process. Processes are forked from a server that has only imported the
+libraries, so none inherits another run's allocator state, caches or leftover memory. Model FLOPs
+per training step come from ``torch.utils.flop_counter`` (forward + backward, no checkpoint
+recomputation); with ``--model sdxl_arch`` (real SDXL shapes, random weights) on a GPU the report
+adds bf16 step time, images/s, peak GPU memory and model FLOP utilisation at 1024 px.
 """
 
 from __future__ import annotations
@@ -114,12 +116,6 @@ class CallCounter:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def _median_step_seconds(ends: list[float], warmup: int) -> float:
-    """Median of the gaps between consecutive step-end timestamps after ``warmup`` steps."""
-    gaps = np.diff(ends[warmup:])
-    return float(statistics.median(gaps))
 
 
 def _pin_cpu_threads(device: torch.device) -> None:
@@ -245,6 +241,7 @@ class _BareLoop:
         self.optimizer = torch.optim.Adam(self.params, lr=1e-4, fused=spec.device.type == "cuda")
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.loader = torch.utils.data.DataLoader(_cached_set(self.pipe, spec), batch_size=spec.batch, shuffle=True, drop_last=True)
+        self._batches = self.batches()
 
     def batches(self):
         while True:
@@ -269,7 +266,16 @@ class _BareLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def model_flops(self, batch: dict) -> int:
+    def step_seconds(self, n: int) -> list[float]:
+        """``n`` step times: the gaps between the ends of ``n + 1`` consecutive steps."""
+        ends = []
+        for _ in range(n + 1):
+            self.step(next(self._batches))
+            _sync(self.spec.device)
+            ends.append(time.perf_counter())
+        return np.diff(ends).tolist()
+
+    def model_flops(self) -> int:
         """FLOPs of one training step as the model defines it: forward + backward, counted with
         gradient checkpointing off so recomputed activations do not inflate MFU."""
         from torch.utils.flop_counter import FlopCounterMode
@@ -277,110 +283,114 @@ class _BareLoop:
         if self.checkpointing:
             self.unet.disable_gradient_checkpointing()
         with FlopCounterMode(display=False) as counter:
-            self.step(batch)
+            self.step(next(self._batches))
         if self.checkpointing:
             self.unet.enable_gradient_checkpointing()
         return counter.get_total_flops()
 
 
-def bare_training_loop(spec: RunSpec, steps: int, warmup: int) -> dict:
-    """Seconds per step and peak memory of the bare loop; also the model FLOPs of one step."""
+class _LightningRun:
+    """Ours: the project's DreamMixLoRAModule + datamodule, each timed chunk one ``Trainer.fit``."""
+
+    def __init__(self, spec: RunSpec):
+        from diffusers import DDPMScheduler
+
+        from dreammix.data.datamodule import DataSpec, DreamMixDataModule
+        from dreammix.data.frozen import FrozenInputEncoder
+        from dreammix.models.lora import LoraSpec
+        from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+
+        self.spec = spec
+        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+        self.datamodule = DreamMixDataModule(
+            subject=None, spec=DataSpec(source_prompt="a photo of sks can", batch_size=spec.batch, mask_variants=1),
+            encoder=FrozenInputEncoder(self.pipe, spec.device), resolution=spec.resolution, use_regular=False,
+        )
+        self.datamodule.source = _cached_set(self.pipe, spec)  # encoded up front, exactly like train()
+        self.module = DreamMixLoRAModule(
+            self.pipe.unet, DDPMScheduler.from_config(self.pipe.scheduler.config), LoraSpec(), LossSpec(beta=0.0),
+            OptimSpec(), gradient_checkpointing=spec.model != "tiny",
+        )
+
+    def step_seconds(self, n: int) -> list[float]:
+        """``n`` step times from a fit of ``n + 1`` steps (the gaps between step ends, so the fit's
+        start-up is not counted: it is paid once per training run, not per step)."""
+        import lightning as L
+
+        spec, ends = self.spec, []
+
+        class StepTimer(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                _sync(spec.device)
+                ends.append(time.perf_counter())
+
+        trainer = L.Trainer(
+            accelerator=spec.device.type, devices=1, precision="bf16-mixed" if spec.mixed_bf16 else "32-true",
+            max_steps=n + 1, max_epochs=-1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+            callbacks=[StepTimer()], num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(self.module, datamodule=self.datamodule)
+        return np.diff(ends).tolist()
+
+
+def _encoder_counter(pipe) -> CallCounter:
+    return CallCounter([pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder])
+
+
+def training_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict:
+    """One side alone in its process: median step time, peak memory, frozen-encoder calls
+    during the steps, and (baseline) the model FLOPs of one step."""
     _pin_cpu_threads(spec.device)
-    loop = _BareLoop(spec)
-    counter = CallCounter([loop.pipe.text_encoder, loop.pipe.text_encoder_2, loop.pipe.vae.encoder])
-    batches = loop.batches()
-    flops = loop.model_flops(next(batches))
+    run = _BareLoop(spec) if side == "bare" else _LightningRun(spec)
+    out = {"flops_per_step": run.model_flops() if side == "bare" else None}
+    run.step_seconds(warmup)
     _free(spec.device)
-    ends: list[float] = []
+    counter = _encoder_counter(run.pipe)
     with peak_memory(spec.device) as mem:
-        for _ in range(warmup + steps + 1):
-            loop.step(next(batches))
-            _sync(spec.device)
-            ends.append(time.perf_counter())
+        seconds = run.step_seconds(steps)
     counter.remove()
-    return {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
-            "frozen_encoder_calls": counter.count, "flops_per_step": flops}
+    out.update(step_s=float(statistics.median(seconds)), peak_bytes=mem["peak_bytes"], frozen_encoder_calls=counter.count)
+    return out
 
 
-def lightning_training(spec: RunSpec, steps: int, warmup: int) -> dict:
-    """Ours: the project's DreamMixLoRAModule + datamodule under a lightning.Trainer."""
-    import lightning as L
-    from diffusers import DDPMScheduler
-
-    from dreammix.data.datamodule import DataSpec, DreamMixDataModule
-    from dreammix.data.frozen import FrozenInputEncoder
-    from dreammix.models.lora import LoraSpec
-    from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
-
+def training_interleaved(spec: RunSpec, chunks: int, chunk_steps: int, warmup: int) -> list[tuple[float, float]]:
+    """Both sides in one process, ``chunks`` alternating chunks of ``chunk_steps`` steps each:
+    (bare, ours) median step seconds per chunk pair. Adjacent chunks share the machine's state,
+    so a slow spell of a shared machine slows both sides of a pair instead of one side's run."""
     _pin_cpu_threads(spec.device)
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
-    datamodule = DreamMixDataModule(
-        subject=None, spec=DataSpec(source_prompt="a photo of sks can", batch_size=spec.batch, mask_variants=1),
-        encoder=FrozenInputEncoder(pipe, spec.device), resolution=spec.resolution, use_regular=False,
-    )
-    datamodule.source = _cached_set(pipe, spec)  # encoded up front, exactly like train()
-    module = DreamMixLoRAModule(
-        pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), LoraSpec(), LossSpec(beta=0.0), OptimSpec(),
-        gradient_checkpointing=spec.model != "tiny",
-    )
-    counter = CallCounter([pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder])
-    ends: list[float] = []
-
-    class StepTimer(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(spec.device)
-            ends.append(time.perf_counter())
-
-    trainer = L.Trainer(
-        accelerator=spec.device.type, devices=1, precision="bf16-mixed" if spec.mixed_bf16 else "32-true",
-        max_steps=warmup + steps + 1, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-        callbacks=[StepTimer()], num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    _free(spec.device)
-    with peak_memory(spec.device) as mem:
-        trainer.fit(module, datamodule=datamodule)
-    counter.remove()
-    return {"step_s": _median_step_seconds(ends, warmup + 1), "peak_bytes": mem["peak_bytes"],
-            "frozen_encoder_calls": counter.count}
-
-
-def _alternating(repeats: int, baseline, ours, *args) -> tuple[list[dict], list[dict]]:
-    """``repeats`` pairs of isolated runs, the order flipped every pair (no side always goes first)."""
-    base_runs, our_runs = [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            base_runs.append(isolated(baseline, *args))
-            our_runs.append(isolated(ours, *args))
-        else:
-            our_runs.append(isolated(ours, *args))
-            base_runs.append(isolated(baseline, *args))
-    return base_runs, our_runs
-
-
-def _median(runs: list[dict], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs))
-
-
-def _paired_ratio(ours: list[dict], base: list[dict], key: str) -> float:
-    """Median of the per-pair ratios: each pair ran back to back, so slow drifts of a shared
-    machine cancel within a pair instead of landing on one side."""
-    return float(statistics.median(o[key] / b[key] for o, b in zip(ours, base)))
+    bare, ours = _BareLoop(spec), _LightningRun(spec)
+    bare.step_seconds(warmup)
+    ours.step_seconds(warmup)
+    pairs = []
+    for i in range(chunks):
+        order = (bare, ours) if i % 2 == 0 else (ours, bare)
+        times = {id(run): statistics.median(run.step_seconds(chunk_steps)) for run in order}
+        pairs.append((times[id(bare)], times[id(ours)]))
+    return pairs
 
 
 def measure_training(spec: RunSpec, steps: int, warmup: int, repeats: int) -> dict:
-    """``repeats`` alternating isolated runs of the baseline and ours: medians, paired ratio, FLOPs."""
-    bare, ours = _alternating(repeats, bare_training_loop, lightning_training, spec, steps, warmup)
+    """Speed from ``repeats`` isolated processes of interleaved chunks (``steps`` steps per side
+    and process); peak memory, encoder calls and FLOPs from one isolated run of each side."""
+    chunk_steps = max(2, min(10, steps))
+    chunks = max(2, steps // chunk_steps)
+    pairs = [pair for _ in range(repeats) for pair in isolated(training_interleaved, spec, chunks, chunk_steps, warmup)]
+    bare = isolated(training_side_run, "bare", spec, steps, warmup)
+    ours = isolated(training_side_run, "ours", spec, steps, warmup)
     out = {
         "model": spec.model, "resolution": spec.resolution, "batch": spec.batch, "device": spec.device.type,
-        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32", "repeats": repeats, "steps_per_run": steps,
-        "ours_step_s": _median(ours, "step_s"), "bare_step_s": _median(bare, "step_s"),
-        "ours_peak_bytes": max(r["peak_bytes"] for r in ours), "bare_peak_bytes": max(r["peak_bytes"] for r in bare),
-        "frozen_encoder_calls_during_training": sum(r["frozen_encoder_calls"] for r in ours),
-        "train_step_ratio": _paired_ratio(ours, bare, "step_s"),
-        "ours_step_s_runs": [r["step_s"] for r in ours], "bare_step_s_runs": [r["step_s"] for r in bare],
+        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32", "repeats": repeats, "steps_per_side": steps * repeats,
+        "chunk_steps": chunk_steps,
+        "ours_step_s": float(statistics.median(o for _, o in pairs)),
+        "bare_step_s": float(statistics.median(b for b, _ in pairs)),
+        "train_step_ratio": float(statistics.median(o / b for b, o in pairs)),
+        "ours_peak_bytes": ours["peak_bytes"], "bare_peak_bytes": bare["peak_bytes"],
+        "ours_alone_step_s": ours["step_s"], "bare_alone_step_s": bare["step_s"],
+        "frozen_encoder_calls_during_training": ours["frozen_encoder_calls"],
+        "chunk_ratios": [o / b for b, o in pairs],
     }
-    flops = bare[0]["flops_per_step"]
+    flops = bare["flops_per_step"]
     if flops:
         out["flops_per_step"] = flops
         out["achieved_tflops"] = flops / out["ours_step_s"] / 1e12
@@ -400,7 +410,7 @@ def _sampling_inputs(size: tuple[int, int], seed: int = 0):
 
 
 def _sampler_call(side: str, pipe, spec: RunSpec, steps: int):
-    """One timed unit of work for ``side``: a call that makes ``spec.batch`` images."""
+    """A function making one pipeline call of ``side`` (``spec.batch`` images)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
     from dreammix.pipeline import DreamMixInpaintPipeline
@@ -425,47 +435,81 @@ def _sampler_call(side: str, pipe, spec: RunSpec, steps: int):
     )
 
 
-def sampling_run(side: str, spec: RunSpec, steps: int, warmup: int, calls: int) -> dict:
-    """One side's run: ``warmup`` calls, one counted call (UNet calls per image), then the median
-    of ``calls`` timed calls in seconds per image, and the peak memory over them. UNet calls are
-    per pipeline call: classifier-free guidance and the ``batch`` images share each call."""
+class ImageCounter(CallCounter):
+    """Counts the images that pass through modules (batch sizes of their first inputs)."""
+
+    def _hook(self, module, args):
+        self.count += int(args[0].shape[0])
+
+
+def sampling_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict:
+    """One side alone in its process: per pipeline call, the UNet calls (classifier-free guidance
+    and the ``batch`` images share each call), the images through the VAE encoder and decoder, the
+    FLOPs of the whole call, and the peak memory over one more call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     _pin_cpu_threads(spec.device)
     pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
     call = _sampler_call(side, pipe, spec, steps)
     for _ in range(warmup):
         call()
-    counter = CallCounter([pipe.unet])
-    call()
-    counter.remove()
+    unet, encoded, decoded = CallCounter([pipe.unet]), ImageCounter([pipe.vae.encoder]), ImageCounter([pipe.vae.decoder])
+    with FlopCounterMode(display=False) as flops:
+        call()
+    for counter in (unet, encoded, decoded):
+        counter.remove()
     _free(spec.device)
-    seconds = []
     with peak_memory(spec.device) as mem:
-        for _ in range(calls):
+        call()
+    return {"unet_calls": unet.count, "vae_encoded_images": encoded.count, "vae_decoded_images": decoded.count,
+            "flops_per_call": flops.get_total_flops(), "peak_bytes": mem["peak_bytes"]}
+
+
+def sampling_interleaved(spec: RunSpec, steps: int, warmup: int, calls: int) -> list[tuple[float, float]]:
+    """Both pipelines on the same weights in one process, ``calls`` alternating call pairs:
+    (diffusers, ours) seconds per image of each pair."""
+    _pin_cpu_threads(spec.device)
+    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+    theirs, ours = _sampler_call("diffusers", pipe, spec, steps), _sampler_call("ours", pipe, spec, steps)
+    for _ in range(warmup):
+        theirs()
+        ours()
+    pairs = []
+    for i in range(calls):
+        seconds = {}
+        for name, call in ((("diffusers", theirs), ("ours", ours)) if i % 2 == 0 else (("ours", ours), ("diffusers", theirs))):
             _sync(spec.device)
             start = time.perf_counter()
             call()
             _sync(spec.device)
-            seconds.append((time.perf_counter() - start) / spec.batch)
-    return {"s_per_image": float(statistics.median(seconds)), "peak_bytes": mem["peak_bytes"], "unet_calls": counter.count}
+            seconds[name] = (time.perf_counter() - start) / spec.batch
+        pairs.append((seconds["diffusers"], seconds["ours"]))
+    return pairs
 
 
 def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int, calls: int = 3) -> dict:
     """Seconds and UNet calls per image: DreamMix (DIF λ=0.7 + TAS) vs diffusers' SDXL inpainting.
 
     Same model, weights, device, inputs and steps, classifier-free guidance on, at the model
-    resolution; ``repeats`` alternating isolated runs of each side.
+    resolution. Speed from ``repeats`` isolated processes of ``calls`` alternating call pairs;
+    UNet calls and peak memory from one isolated run of each side.
     """
-    theirs, ours = _alternating(repeats, partial(sampling_run, "diffusers"), partial(sampling_run, "ours"),
-                                spec, steps, warmup, calls)
+    pairs = [pair for _ in range(repeats) for pair in isolated(sampling_interleaved, spec, steps, warmup, calls)]
+    theirs = isolated(sampling_side_run, "diffusers", spec, steps, warmup)
+    ours = isolated(sampling_side_run, "ours", spec, steps, warmup)
     return {
         "model": spec.model, "resolution": spec.resolution, "batch": spec.batch, "device": spec.device.type,
-        "steps": steps, "repeats": repeats, "timed_calls_per_run": calls,
-        "ours_s_per_image": _median(ours, "s_per_image"), "diffusers_s_per_image": _median(theirs, "s_per_image"),
-        "unet_calls_ours": ours[0]["unet_calls"], "unet_calls_diffusers": theirs[0]["unet_calls"],
-        "ours_peak_bytes": max(r["peak_bytes"] for r in ours), "diffusers_peak_bytes": max(r["peak_bytes"] for r in theirs),
-        "sampler_ratio": _paired_ratio(ours, theirs, "s_per_image"),
-        "ours_s_per_image_runs": [r["s_per_image"] for r in ours],
-        "diffusers_s_per_image_runs": [r["s_per_image"] for r in theirs],
+        "steps": steps, "repeats": repeats, "calls_per_side": calls * repeats,
+        "ours_s_per_image": float(statistics.median(o for _, o in pairs)),
+        "diffusers_s_per_image": float(statistics.median(d for d, _ in pairs)),
+        "sampler_ratio": float(statistics.median(o / d for d, o in pairs)),
+        "unet_calls_ours": ours["unet_calls"], "unet_calls_diffusers": theirs["unet_calls"],
+        "vae_images_ours": ours["vae_encoded_images"] + ours["vae_decoded_images"],
+        "vae_images_diffusers": theirs["vae_encoded_images"] + theirs["vae_decoded_images"],
+        "ours_gflop_per_image": ours["flops_per_call"] / spec.batch / 1e9,
+        "diffusers_gflop_per_image": theirs["flops_per_call"] / spec.batch / 1e9,
+        "ours_peak_bytes": ours["peak_bytes"], "diffusers_peak_bytes": theirs["peak_bytes"],
+        "call_ratios": [o / d for d, o in pairs],
     }
 
 
@@ -526,15 +570,20 @@ def report_markdown(report: dict) -> str:
                      f"{t['train_step_ratio']:.3f} | {t['ours_peak_bytes'] / mib:.0f} | {t['bare_peak_bytes'] / mib:.0f} | "
                      f"{t['frozen_encoder_calls_during_training']} | {flops} |")
     lines += ["", "## Sampling (ours = DreamMixInpaintPipeline, DIF λ=0.7 + TAS; baseline = diffusers SDXL inpainting)", "",
-              "| res | batch | steps | ours s/img | diffusers s/img | ratio | UNet calls ours | UNet calls diffusers | "
-              "ours peak MiB | diffusers peak MiB |",
+              "| res | batch | steps | ours s/img | diffusers s/img | ratio | UNet calls ours / diffusers | "
+              "VAE images ours / diffusers | GFLOP/img ours / diffusers | peak MiB ours / diffusers |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["sampling_runs"]:
         lines.append(f"| {s['resolution']} | {s['batch']} | {s['steps']} | {s['ours_s_per_image']:.4f} | "
-                     f"{s['diffusers_s_per_image']:.4f} | {s['sampler_ratio']:.3f} | {s['unet_calls_ours']} | "
-                     f"{s['unet_calls_diffusers']} | {s['ours_peak_bytes'] / mib:.0f} | {s['diffusers_peak_bytes'] / mib:.0f} |")
-    lines += ["", "UNet calls are per pipeline call (guidance and the batch's images share each call). Every run "
-              "is a fresh process; peak memory is CUDA max allocated on a GPU, peak RSS on the CPU."]
+                     f"{s['diffusers_s_per_image']:.4f} | {s['sampler_ratio']:.3f} | {s['unet_calls_ours']} / "
+                     f"{s['unet_calls_diffusers']} | {s['vae_images_ours']} / {s['vae_images_diffusers']} | "
+                     f"{s['ours_gflop_per_image']:.1f} / {s['diffusers_gflop_per_image']:.1f} | "
+                     f"{s['ours_peak_bytes'] / mib:.0f} / {s['diffusers_peak_bytes'] / mib:.0f} |")
+    lines += ["", "UNet calls are per pipeline call (guidance and the batch's images share each call). VAE images: "
+              "encoder + decoder images per call; DIF encodes the crop and x^G with their blending targets and "
+              "decodes at the switch, which weighs more on a small model than at SDXL scale (compare the GFLOP "
+              "columns). Speeds come from alternating chunks of both sides in fresh processes; peak memory from "
+              "each side alone in its own process (CUDA max allocated on a GPU, peak RSS on the CPU)."]
     if "model_flop_utilisation" in report:
         lines += ["", f"Model FLOP utilisation at 1024 px: {report['model_flop_utilisation']:.1%}"]
     return "\n".join(lines) + "\n"
@@ -565,11 +614,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--train-cases", default=None, help="resolution x batch list, e.g. 64x1,128x1,128x2")
     parser.add_argument("--sample-cases", default=None, help="resolution x batch list for sampling")
-    parser.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per run")
+    parser.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per side and repeat")
     parser.add_argument("--sample-steps", type=int, default=30, help="denoising steps per image (paper: 30)")
-    parser.add_argument("--sample-calls", type=int, default=3, help="timed pipeline calls per sampling run")
+    parser.add_argument("--sample-calls", type=int, default=4, help="timed pipeline calls per side and repeat")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating repeats of baseline and ours")
+    parser.add_argument("--repeats", type=int, default=5, help="fresh processes of interleaved timing per case")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator bf16 dense peak for MFU (default on CUDA: 989, H100/H200)")
     parser.add_argument("--out", default="outputs/perf")
@@ -590,17 +639,20 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     gpu = device.type == "cuda"
     if args.model == "sdxl_arch" and not gpu and not args.train_cases:
-        print("note: sdxl_arch on the CPU needs ~14 GB of RAM and minutes per step at 1024 px; "
+        print("note: sdxl_arch on the CPU needs ~16 GB of RAM and minutes per step at 1024 px; "
               "pass small --train-cases/--sample-cases (e.g. 128x1) for a smoke run")
     _quiet()
-    dtype = torch.bfloat16 if gpu else torch.float32
+    # bf16 frozen weights + bf16 autocast wherever the real model runs (and for SDXL shapes on
+    # the CPU, where fp32 copies of both sides would not fit in memory); fp32 for the tiny model.
+    bf16 = gpu or args.model == "sdxl_arch"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     cache = Path(args.cache_dir)
     training = [
-        measure_training(RunSpec(args.model, r, b, device, dtype, gpu, cache), args.train_steps, args.warmup, args.repeats)
+        measure_training(RunSpec(args.model, r, b, device, dtype, bf16, cache), args.train_steps, args.warmup, args.repeats)
         for r, b in train_cases
     ]
     sampling = [
-        measure_sampling(RunSpec(args.model, r, b, device, dtype, gpu, cache), args.sample_steps,
+        measure_sampling(RunSpec(args.model, r, b, device, dtype, bf16, cache), args.sample_steps,
                          max(1, args.warmup // 2), args.repeats, args.sample_calls)
         for r, b in sample_cases
     ]
