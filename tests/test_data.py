@@ -161,6 +161,9 @@ def test_datamodule_batches_hold_source_and_regular(tmp_path, tiny_pipe):
     assert batch["source"]["position"].tolist() == [2, 3]  # stream positions, for exact resume
     assert batch["regular"]["prompt_embeds"].shape == (1, 77, 64)
     assert batch["regular"]["position"].tolist() == [1]
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert {k: set(v) for k, v in moved.items()} == {k: set(v) for k, v in batch.items()}
+    assert all(t.is_meta for part in moved.values() for t in part.values())
 
 
 def test_datamodule_without_regular_data_warns_or_errors(tmp_path, tiny_pipe):

@@ -241,3 +241,30 @@ def test_losses_reach_the_loggers_once_per_log_step(tiny_model_dir, accumulate):
         assert metrics["train/lr"] == 3e-4
         assert metrics["train/loss"] == pytest.approx(metrics["train/loss_source"] + 0.4 * metrics["train/loss_regular"], rel=1e-5)
     assert "train/loss" in trainer.progress_bar_metrics
+
+
+@pytest.mark.slow  # torch.compile of the tiny UNet takes ~90 s on a 2-core CPU
+def test_compiled_unet_trains_the_lora_under_unchanged_names(tiny_model_dir):
+    """model.compile_unet: the LoRA still gets gradients and keeps its checkpoint/export names."""
+    from diffusers import DDPMScheduler
+
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.models.lora import LoraSpec, lora_state_dict
+    from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+
+    plain, batch = _module_and_batch(tiny_model_dir, LossSpec())
+    pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+    compiled = DreamMixLoRAModule(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), LoraSpec(), LossSpec(),
+                                  OptimSpec(), compile_unet=True)
+    compiled.compute_losses(batch)["loss"].backward()
+    assert all(p.grad is not None for p in compiled.lora_params)
+    assert set(lora_state_dict(compiled.unet)) == set(lora_state_dict(plain.unet))
+    assert set(compiled.state_dict()) == set(plain.state_dict())
+
+
+def test_compile_unet_reaches_the_module_from_the_config(compose, tmp_path, subject):
+    from dreammix.train import train_specs
+
+    cfg = compose("train", _overrides(tmp_path, subject, "run", 1, "model.compile_unet=true"))
+    assert train_specs(cfg).model.compile_unet
+    assert not train_specs(compose("train", _overrides(tmp_path, subject, "run", 1))).model.compile_unet

@@ -90,6 +90,7 @@ class DreamMixLoRAModule(L.LightningModule):
         optim: OptimSpec,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        compile_unet: bool = False,
     ):
         super().__init__()
         self.unet = unet
@@ -106,6 +107,8 @@ class DreamMixLoRAModule(L.LightningModule):
         # SDXL UNet layer acts differently in train mode, and Lightning switches to eval for
         # validation and back.
         unet.train()
+        if compile_unet:
+            unet.compile()  # torch.compile in place: parameter names, so LoRA checkpoints, unchanged
         # Checkpoints carry only the LoRA weights; the frozen base comes from the model config.
         self.strict_loading = False
         self.unet_dtype = unet.dtype
@@ -172,11 +175,6 @@ class DreamMixLoRAModule(L.LightningModule):
         else:
             out["loss"] = out["loss_regular"]
         return out
-
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        """Our batches are ``{part: {key: tensor}}``: move them directly (Lightning's generic
-        collection walk costs a few ms per step, a measurable share of a small model's step)."""
-        return {name: {k: v.to(device, non_blocking=True) for k, v in part.items()} for name, part in batch.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)

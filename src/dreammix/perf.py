@@ -212,6 +212,7 @@ class RunSpec:
     dtype: torch.dtype  # frozen-weight dtype
     mixed_bf16: bool  # autocast bf16 in both ours and the baseline
     cache_dir: Path
+    compile: bool = False  # torch.compile the UNet on both sides
 
 
 def _cached_set(pipe, spec: RunSpec):
@@ -234,6 +235,8 @@ class _BareLoop:
         self.unet = self.pipe.unet
         self.params = add_lora(self.unet, LoraSpec())
         self.unet.train()  # as DreamMixLoRAModule does
+        if spec.compile:
+            self.unet.compile()
         self.unet_dtype = self.unet.dtype
         self.checkpointing = spec.model != "tiny"
         if self.checkpointing:
@@ -309,7 +312,7 @@ class _LightningRun:
         self.datamodule.source = _cached_set(self.pipe, spec)  # encoded up front, exactly like train()
         self.module = DreamMixLoRAModule(
             self.pipe.unet, DDPMScheduler.from_config(self.pipe.scheduler.config), LoraSpec(), LossSpec(beta=0.0),
-            OptimSpec(), gradient_checkpointing=spec.model != "tiny",
+            OptimSpec(), gradient_checkpointing=spec.model != "tiny", compile_unet=spec.compile,
         )
 
     def step_seconds(self, n: int) -> list[float]:
@@ -409,6 +412,13 @@ def _sampling_inputs(size: tuple[int, int], seed: int = 0):
     return image, Image.fromarray(mask, mode="L")
 
 
+def _sampling_pipeline(spec: RunSpec):
+    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+    if spec.compile:
+        pipe.unet.compile()
+    return pipe
+
+
 def _sampler_call(side: str, pipe, spec: RunSpec, steps: int):
     """A function making one pipeline call of ``side`` (``spec.batch`` images)."""
     from diffusers import StableDiffusionXLInpaintPipeline
@@ -449,7 +459,7 @@ def sampling_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict
     from torch.utils.flop_counter import FlopCounterMode
 
     _pin_cpu_threads(spec.device)
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+    pipe = _sampling_pipeline(spec)
     call = _sampler_call(side, pipe, spec, steps)
     for _ in range(warmup):
         call()
@@ -469,7 +479,7 @@ def sampling_interleaved(spec: RunSpec, steps: int, warmup: int, calls: int) -> 
     """Both pipelines on the same weights in one process, ``calls`` alternating call pairs:
     (diffusers, ours) seconds per image of each pair."""
     _pin_cpu_threads(spec.device)
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+    pipe = _sampling_pipeline(spec)
     theirs, ours = _sampler_call("diffusers", pipe, spec, steps), _sampler_call("ours", pipe, spec, steps)
     for _ in range(warmup):
         theirs()
@@ -555,7 +565,8 @@ def build_report(training: list[dict], sampling: list[dict], model: str, device:
 
 def report_markdown(report: dict) -> str:
     mib = 1024**2
-    lines = [f"# Performance report ({report['model']} on {report['device']})", "",
+    compiled = ", torch.compile" if report.get("compile") else ""
+    lines = [f"# Performance report ({report['model']} on {report['device']}{compiled})", "",
              "Every figure is a median after warm-up; ratios are the median of per-pair ratios ours / baseline, "
              "the two sides run alternately in the same session.", "",
              "## Targets", "", "| target | result |", "|---|---|"]
@@ -621,6 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes of interleaved timing per case")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator bf16 dense peak for MFU (default on CUDA: 989, H100/H200)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides (model.compile_unet)")
     parser.add_argument("--out", default="outputs/perf")
     parser.add_argument("--cache-dir", default=os.environ.get("DREAMMIX_CACHE", ".cache"))
     args = parser.parse_args(argv)
@@ -648,16 +660,17 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if bf16 else torch.float32
     cache = Path(args.cache_dir)
     training = [
-        measure_training(RunSpec(args.model, r, b, device, dtype, bf16, cache), args.train_steps, args.warmup, args.repeats)
+        measure_training(RunSpec(args.model, r, b, device, dtype, bf16, cache, args.compile), args.train_steps, args.warmup, args.repeats)
         for r, b in train_cases
     ]
     sampling = [
-        measure_sampling(RunSpec(args.model, r, b, device, dtype, bf16, cache), args.sample_steps,
+        measure_sampling(RunSpec(args.model, r, b, device, dtype, bf16, cache, args.compile), args.sample_steps,
                          max(1, args.warmup // 2), args.repeats, args.sample_calls)
         for r, b in sample_cases
     ]
     peak = args.peak_tflops or (DEFAULT_PEAK_TFLOPS if gpu else None)
     report = build_report(training, sampling, args.model, device.type, peak)
+    report["compile"] = args.compile
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -161,6 +161,11 @@ class DreamMixDataModule(L.LightningDataModule):
             collate_fn=_already_batched,
         )
 
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Our batches are ``{part: {key: tensor}}``: move them directly (Lightning's generic
+        collection walk costs a few ms per step, a measurable share of a small model's step)."""
+        return {name: {k: v.to(device, non_blocking=True) for k, v in part.items()} for name, part in batch.items()}
+
     def train_dataloader(self) -> CombinedLoader:
         loaders = {"source": self._loader(self.source, self.spec.batch_size, self.seed)}
         if self.regular is not None:

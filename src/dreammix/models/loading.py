@@ -26,6 +26,7 @@ class ModelSpec:
     weight_dtype: str = "auto"
     vae_fp32: bool = True
     gradient_checkpointing: bool = False
+    compile_unet: bool = False
     build_if_missing: bool = False
     # Build the real SDXL inpainting architecture with random weights (performance runs, no download).
     random_weights: bool = False

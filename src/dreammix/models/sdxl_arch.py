@@ -8,6 +8,8 @@ produce images worth looking at.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from dreammix.models.tiny import tokenizer_vocab_and_merges
@@ -50,6 +52,16 @@ TEXT_ENCODER_2_CONFIG = dict(  # OpenCLIP ViT-bigG/14 text tower
 )
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_sdxl_arch_pipeline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
     """A ``StableDiffusionXLInpaintPipeline`` with SDXL-inpainting shapes and random weights."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
@@ -61,10 +73,11 @@ def build_sdxl_arch_pipeline(dtype: torch.dtype = torch.float32, device: torch.d
     special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408)
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNET_CONFIG).to(dtype)
+        with _default_dtype(dtype):  # built in the target dtype: no fp32 copy of 3.5 B parameters first
+            unet = UNet2DConditionModel(**UNET_CONFIG)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG, **special))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG, **special))
         vae = AutoencoderKL(**VAE_CONFIG)  # fp32: the SDXL VAE overflows in half precision
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG, **special)).to(dtype)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG, **special)).to(dtype)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         timestep_spacing="leading", num_train_timesteps=1000,
