@@ -130,3 +130,18 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         perf.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sdxl_sampling_flops_add_dif_vae_work_to_equal_unet_work():
+    out = perf.sdxl_sampling_flops(resolution=256, steps=4)
+    unet, enc, dec = out["unet_call_tflop"], out["vae_encode_tflop"], out["vae_decode_tflop"]
+    assert unet > 0 and enc > 0 and dec > 0
+    assert out["diffusers_tflop_per_image"] == pytest.approx(4 * unet + enc + dec)
+    assert out["ours_tflop_per_image"] == pytest.approx(4 * unet + 4 * enc + 2 * dec)
+
+
+def test_vae_image_counts_behind_the_flop_projection_match_the_measured_ones(tmp_path, tiny_model_dir):
+    spec = perf.RunSpec("tiny", 64, 1, torch.device("cpu"), torch.float32, False, Path(tiny_model_dir).parent)
+    for side, counts in perf.VAE_IMAGES_PER_CALL.items():
+        run = perf.isolated(perf.sampling_side_run, side, spec, 2, 0)  # own process: it pins CPU threads
+        assert (run["vae_encoded_images"], run["vae_decoded_images"]) == (counts["encode"], counts["decode"])

@@ -373,6 +373,14 @@ def training_interleaved(spec: RunSpec, chunks: int, chunk_steps: int, warmup: i
     return pairs
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """First and third quartile: how far single pairs scatter around the median ratio."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return [q1, q3]
+
+
 def measure_training(spec: RunSpec, steps: int, warmup: int, repeats: int) -> dict:
     """Speed from ``repeats`` isolated processes of interleaved chunks (``steps`` steps per side
     and process); peak memory, encoder calls and FLOPs from one isolated run of each side."""
@@ -392,6 +400,7 @@ def measure_training(spec: RunSpec, steps: int, warmup: int, repeats: int) -> di
         "ours_alone_step_s": ours["step_s"], "bare_alone_step_s": bare["step_s"],
         "frozen_encoder_calls_during_training": ours["frozen_encoder_calls"],
         "chunk_ratios": [o / b for b, o in pairs],
+        "train_step_ratio_iqr": _quartiles([o / b for b, o in pairs]),
     }
     flops = bare["flops_per_step"]
     if flops:
@@ -520,7 +529,46 @@ def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int, calls
         "diffusers_gflop_per_image": theirs["flops_per_call"] / spec.batch / 1e9,
         "ours_peak_bytes": ours["peak_bytes"], "diffusers_peak_bytes": theirs["peak_bytes"],
         "call_ratios": [o / d for d, o in pairs],
+        "sampler_ratio_iqr": _quartiles([o / d for d, o in pairs]),
     }
+
+
+# VAE images per generated image (batch 1), as ``sampling_side_run`` counts them: diffusers encodes
+# the masked image and decodes the result; DIF encodes the crop and x^G, each with its blending
+# target, and decodes at the LCG→GCH switch and at the end.
+VAE_IMAGES_PER_CALL = {"diffusers": {"encode": 1, "decode": 1}, "ours": {"encode": 4, "decode": 2}}
+
+
+def sdxl_sampling_flops(resolution: int = 1024, steps: int = 30) -> dict:
+    """FLOPs per image of both samplers at SDXL scale, without a GPU: the real UNet and VAE
+    architectures run on meta tensors under ``torch.utils.flop_counter`` (no memory, no compute).
+    One UNet call carries the guidance batch of 2; the text encoders (<0.1 %) are left out."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreammix.models.sdxl_arch import UNET_CONFIG, VAE_CONFIG
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    r = resolution // 8
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**UNET_CONFIG), AutoencoderKL(**VAE_CONFIG)
+        per = {
+            "unet_call": flops(lambda: unet(
+                torch.randn(2, 9, r, r), torch.tensor(500.0), encoder_hidden_states=torch.randn(2, 77, 2048),
+                added_cond_kwargs={"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)})),
+            "vae_encode": flops(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))),
+            "vae_decode": flops(lambda: vae.decode(torch.randn(1, 4, r, r))),
+        }
+    out = {"resolution": resolution, "steps": steps, **{f"{k}_tflop": v / 1e12 for k, v in per.items()}}
+    for side, vae_images in VAE_IMAGES_PER_CALL.items():
+        total = steps * per["unet_call"] + vae_images["encode"] * per["vae_encode"] + vae_images["decode"] * per["vae_decode"]
+        out[f"{side}_tflop_per_image"] = total / 1e12
+    out["flop_ratio"] = out["ours_tflop_per_image"] / out["diffusers_tflop_per_image"]
+    return out
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -563,12 +611,17 @@ def build_report(training: list[dict], sampling: list[dict], model: str, device:
     return report
 
 
+def _spread(run: dict, key: str) -> str:
+    return f" ({run[key][0]:.2f}–{run[key][1]:.2f})" if key in run else ""
+
+
 def report_markdown(report: dict) -> str:
     mib = 1024**2
     compiled = ", torch.compile" if report.get("compile") else ""
     lines = [f"# Performance report ({report['model']} on {report['device']}{compiled})", "",
-             "Every figure is a median after warm-up; ratios are the median of per-pair ratios ours / baseline, "
-             "the two sides run alternately in the same session.", "",
+             "Every figure is a median after warm-up; ratios are the median of per-pair ratios ours / baseline "
+             "(the two sides run alternately in the same processes), with the quartiles of the pair ratios "
+             "in brackets.", "",
              "## Targets", "", "| target | result |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["targets"].items()]
     lines += ["", "## Training step (ours = Lightning module + datamodule; baseline = bare PyTorch loop)", "",
@@ -578,7 +631,7 @@ def report_markdown(report: dict) -> str:
     for t in report["training_runs"]:
         flops = f"{t['flops_per_step'] / 1e9:.1f} | {t['achieved_tflops']:.3f}" if t.get("flops_per_step") else "– | –"
         lines.append(f"| {t['resolution']} | {t['batch']} | {t['precision']} | {t['ours_step_s']:.4f} | {t['bare_step_s']:.4f} | "
-                     f"{t['train_step_ratio']:.3f} | {t['ours_peak_bytes'] / mib:.0f} | {t['bare_peak_bytes'] / mib:.0f} | "
+                     f"{t['train_step_ratio']:.3f}{_spread(t, 'train_step_ratio_iqr')} | {t['ours_peak_bytes'] / mib:.0f} | {t['bare_peak_bytes'] / mib:.0f} | "
                      f"{t['frozen_encoder_calls_during_training']} | {flops} |")
     lines += ["", "## Sampling (ours = DreamMixInpaintPipeline, DIF λ=0.7 + TAS; baseline = diffusers SDXL inpainting)", "",
               "| res | batch | steps | ours s/img | diffusers s/img | ratio | UNet calls ours / diffusers | "
@@ -586,15 +639,15 @@ def report_markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["sampling_runs"]:
         lines.append(f"| {s['resolution']} | {s['batch']} | {s['steps']} | {s['ours_s_per_image']:.4f} | "
-                     f"{s['diffusers_s_per_image']:.4f} | {s['sampler_ratio']:.3f} | {s['unet_calls_ours']} / "
+                     f"{s['diffusers_s_per_image']:.4f} | {s['sampler_ratio']:.3f}{_spread(s, 'sampler_ratio_iqr')} | {s['unet_calls_ours']} / "
                      f"{s['unet_calls_diffusers']} | {s['vae_images_ours']} / {s['vae_images_diffusers']} | "
                      f"{s['ours_gflop_per_image']:.1f} / {s['diffusers_gflop_per_image']:.1f} | "
                      f"{s['ours_peak_bytes'] / mib:.0f} / {s['diffusers_peak_bytes'] / mib:.0f} |")
     lines += ["", "UNet calls are per pipeline call (guidance and the batch's images share each call). VAE images: "
-              "encoder + decoder images per call; DIF encodes the crop and x^G with their blending targets and "
-              "decodes at the switch, which weighs more on a small model than at SDXL scale (compare the GFLOP "
-              "columns). Speeds come from alternating chunks of both sides in fresh processes; peak memory from "
-              "each side alone in its own process (CUDA max allocated on a GPU, peak RSS on the CPU)."]
+              "encoder + decoder images per call; DIF also encodes the blending targets of the crop and of x^G and "
+              "decodes at the LCG→GCH switch, which is what the GFLOP columns differ by. Speeds come from "
+              "alternating chunks of both sides in fresh processes; peak memory from each side alone in its own "
+              "process (CUDA max allocated on a GPU, peak RSS on the CPU)."]
     if "model_flop_utilisation" in report:
         lines += ["", f"Model FLOP utilisation at 1024 px: {report['model_flop_utilisation']:.1%}"]
     return "\n".join(lines) + "\n"
@@ -633,6 +686,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator bf16 dense peak for MFU (default on CUDA: 989, H100/H200)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides (model.compile_unet)")
+    parser.add_argument("--sdxl-flops", action="store_true",
+                        help="only print both samplers' FLOPs per image at SDXL scale (meta tensors, no GPU) for the sample cases")
     parser.add_argument("--out", default="outputs/perf")
     parser.add_argument("--cache-dir", default=os.environ.get("DREAMMIX_CACHE", ".cache"))
     args = parser.parse_args(argv)
@@ -646,6 +701,11 @@ def main(argv: list[str] | None = None) -> dict:
         sample_cases = _pairs(args.sample_cases or DEFAULT_CASES[args.model])
     except ValueError as exc:
         parser.error(str(exc))
+    if args.sdxl_flops:
+        resolutions = sorted({r for r, _ in (_pairs(args.sample_cases) if args.sample_cases else [(1024, 1)])})
+        result = [sdxl_sampling_flops(r, args.sample_steps) for r in resolutions]
+        print(json.dumps(result, indent=2))
+        return {"sdxl_sampling_flops": result}
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
