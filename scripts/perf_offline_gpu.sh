@@ -8,8 +8,9 @@
 # `fetch` downloads what such a machine usually lacks (diffusers, pure Python) for its Python
 # version (default 3.12). `run` installs the wheels into /tmp/dreammix-site (nothing system-wide),
 # runs `python -m dreammix.perf --model sdxl_arch` from src/ on the GPU and writes report.json +
-# report.md into OUT_DIR (default outputs/perf-gpu). The cases are a short set (1024 px, batch 1
-# and 2, two repeats) for a time-limited GPU lease; extra ARGS go to dreammix.perf (--repeats 5).
+# report.md into OUT_DIR (default outputs/perf-gpu). The cases are the minimum the GPU targets need
+# (1024 px, batch 1, two repeats), for a time-limited lease; extra ARGS go to dreammix.perf and
+# override them (e.g. --train-cases 1024x1,1024x2 --repeats 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,11 +37,11 @@ case "${1:-}" in
     python3 -c "import torch, diffusers, lightning, transformers, peft; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)"
-    python3 -m dreammix.perf --model sdxl_arch --device cuda --train-cases 1024x1,1024x2 --sample-cases 1024x1 \
-      --repeats 2 --train-steps 10 --sample-calls 2 --out "$out" "$@"
+    python3 -m dreammix.perf --model sdxl_arch --device cuda --train-cases 1024x1 --sample-cases 1024x1 \
+      --repeats 2 --train-steps 10 --warmup 2 --sample-calls 2 --out "$out" "$@"
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
