@@ -132,12 +132,18 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_sdxl_sampling_flops_add_dif_vae_work_to_equal_unet_work():
-    out = perf.sdxl_sampling_flops(resolution=256, steps=4)
+def test_sdxl_sampling_costs_add_dif_vae_work_to_equal_unet_work():
+    out = perf.sdxl_sampling_costs(resolution=256, steps=4)
     unet, enc, dec = out["unet_call_tflop"], out["vae_encode_tflop"], out["vae_decode_tflop"]
     assert unet > 0 and enc > 0 and dec > 0
     assert out["diffusers_tflop_per_image"] == pytest.approx(4 * unet + enc + dec)
     assert out["ours_tflop_per_image"] == pytest.approx(4 * unet + 4 * enc + 2 * dec)
+    # the real parameter counts (2.567 B UNet in bf16, 83.7 M VAE in fp32)
+    assert out["weights_gib"]["unet"] == pytest.approx(2.567e9 * 2 / 2**30, rel=0.01)
+    assert out["weights_gib"]["vae"] == pytest.approx(83.65e6 * 4 / 2**30, rel=0.01)
+    assert all(v > 0 for v in out["activation_peak_gib"].values())
+    assert out["images_per_encoder_call"] == 16  # (1024² pixels per call) / 256²
+    assert out["projected_peak_gib"] == pytest.approx(sum(out["weights_gib"].values()) + max(out["activation_peak_gib"].values()))
 
 
 def test_vae_image_counts_behind_the_flop_projection_match_the_measured_ones(tmp_path, tiny_model_dir):

@@ -144,10 +144,17 @@ def test_dif_adds_no_unet_calls_and_vae_work_only_at_stage_edges(pipe):
     assert seen == [(i, float(t), "local" if i < 3 else "global") for i, t in enumerate(pipe.scheduler.timesteps)]
 
 
+@pytest.mark.parametrize("pixels_per_call", [1024 * 1024, 64 * 64])
 @pytest.mark.parametrize("generator", ["one", "list"])
-def test_batched_stage_encode_matches_two_encodes_and_their_random_stream(pipe, generator):
-    """One encoder call for (masked image, clean image) = the sampled masked latent and the mean
-    of two separate calls, with the same draws from the generator(s) (so later noise is unchanged)."""
+def test_batched_stage_encode_matches_two_encodes_and_their_random_stream(pipe, generator, pixels_per_call, monkeypatch):
+    """One encoder call (small images) or one per image (large images, less memory) for (masked
+    image, clean image) = the sampled masked latent and the mean of two separate calls, with the
+    same draws from the generator(s) (so later noise is unchanged)."""
+    from dreammix import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "VAE_ENCODE_PIXELS_PER_CALL", pixels_per_call)
+    calls = []
+    hook = pipe.vae.encoder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     torch.manual_seed(0)
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     masked = pixels * (torch.rand(1, 1, 64, 64) < 0.5)
@@ -158,6 +165,8 @@ def test_batched_stage_encode_matches_two_encodes_and_their_random_stream(pipe, 
 
     g_one, g_two = gen(), gen()
     sampled, mean = pipe._vae_encode_masked_and_clean(masked, pixels, g_one, torch.float32)
+    hook.remove()
+    assert calls == ([4] if pixels_per_call > 64 * 64 else [1, 1, 1, 1])
     ref_sampled = pipe._vae_encode(masked, g_two, sample=True, dtype=torch.float32)
     ref_mean = pipe._vae_encode(pixels, None, sample=False, dtype=torch.float32)
     torch.testing.assert_close(sampled, ref_sampled, atol=1e-5, rtol=1e-5)

@@ -539,35 +539,76 @@ def measure_sampling(spec: RunSpec, steps: int, warmup: int, repeats: int, calls
 VAE_IMAGES_PER_CALL = {"diffusers": {"encode": 1, "decode": 1}, "ours": {"encode": 4, "decode": 2}}
 
 
-def sdxl_sampling_flops(resolution: int = 1024, steps: int = 30) -> dict:
-    """FLOPs per image of both samplers at SDXL scale, without a GPU: the real UNet and VAE
-    architectures run on meta tensors under ``torch.utils.flop_counter`` (no memory, no compute).
-    One UNet call carries the guidance batch of 2; the text encoders (<0.1 %) are left out."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def _meta_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dreammix.models.sdxl_arch import UNET_CONFIG, VAE_CONFIG
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
-    def flops(fn) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
 
-    r = resolution // 8
+def _meta_peak_bytes(fn, *modules) -> int:
+    """Peak bytes of ``fn`` (weights of ``modules`` included) from torch's MemTracker, which follows
+    every allocation at dispatch level, also of meta tensors."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*modules)
+    with torch.no_grad(), tracker:
+        fn()
+    return sum(int(v["Total"]) for v in tracker.get_tracker_snapshot("peak").values())
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def sdxl_sampling_costs(resolution: int = 1024, steps: int = 30) -> dict:
+    """FLOPs and memory per image of both samplers at SDXL scale, without a GPU: the real
+    architectures (bf16 UNet and text encoders, fp32 VAE) run on meta tensors, FLOPs counted by
+    ``torch.utils.flop_counter``, memory by torch's MemTracker (no memory used, nothing computed).
+    One UNet call carries the guidance batch of 2; the text encoders' FLOPs (<0.1 %) are left out.
+    ``projected_peak_gib`` = all weights + the largest activation peak of one phase: an estimate
+    of the CUDA peak before allocator overhead, not a measurement."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreammix.models import sdxl_arch
+    from dreammix.pipeline import VAE_ENCODE_PIXELS_PER_CALL
+
+    r, gib = resolution // 8, 1024**3
     with torch.device("meta"):
-        unet, vae = UNet2DConditionModel(**UNET_CONFIG), AutoencoderKL(**VAE_CONFIG)
-        per = {
-            "unet_call": flops(lambda: unet(
-                torch.randn(2, 9, r, r), torch.tensor(500.0), encoder_hidden_states=torch.randn(2, 77, 2048),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)})),
-            "vae_encode": flops(lambda: vae.encode(torch.randn(1, 3, resolution, resolution))),
-            "vae_decode": flops(lambda: vae.decode(torch.randn(1, 4, r, r))),
+        with sdxl_arch._default_dtype(torch.bfloat16):
+            unet = UNet2DConditionModel(**sdxl_arch.UNET_CONFIG)
+            text_encoders = [CLIPTextModel(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER_CONFIG, vocab_size=49408)),
+                             CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER_2_CONFIG, vocab_size=49408))]
+        vae = AutoencoderKL(**sdxl_arch.VAE_CONFIG)
+        bf16 = torch.bfloat16
+        unet_inputs = dict(sample=torch.randn(2, 9, r, r, dtype=bf16), timestep=torch.tensor(500.0),
+                           encoder_hidden_states=torch.randn(2, 77, 2048, dtype=bf16),
+                           added_cond_kwargs={"text_embeds": torch.randn(2, 1280, dtype=bf16), "time_ids": torch.randn(2, 6, dtype=bf16)})
+        encode_batch = max(1, VAE_ENCODE_PIXELS_PER_CALL // (resolution * resolution))
+        image, latent = torch.randn(encode_batch, 3, resolution, resolution), torch.randn(1, 4, r, r)
+        flops = {
+            "unet_call": _meta_flops(lambda: unet(**unet_inputs)),
+            "vae_encode": _meta_flops(lambda: vae.encode(image[:1])),
+            "vae_decode": _meta_flops(lambda: vae.decode(latent)),
         }
-    out = {"resolution": resolution, "steps": steps, **{f"{k}_tflop": v / 1e12 for k, v in per.items()}}
+        weights = {"unet": _param_bytes(unet), "text_encoders": sum(map(_param_bytes, text_encoders)), "vae": _param_bytes(vae)}
+        activations = {
+            "unet_call": _meta_peak_bytes(lambda: unet(**unet_inputs), unet) - weights["unet"],
+            "vae_encode_call": _meta_peak_bytes(lambda: vae.encode(image), vae) - weights["vae"],
+            "vae_decode": _meta_peak_bytes(lambda: vae.decode(latent), vae) - weights["vae"],
+        }
+    out = {"resolution": resolution, "steps": steps, **{f"{k}_tflop": v / 1e12 for k, v in flops.items()}}
     for side, vae_images in VAE_IMAGES_PER_CALL.items():
-        total = steps * per["unet_call"] + vae_images["encode"] * per["vae_encode"] + vae_images["decode"] * per["vae_decode"]
+        total = steps * flops["unet_call"] + vae_images["encode"] * flops["vae_encode"] + vae_images["decode"] * flops["vae_decode"]
         out[f"{side}_tflop_per_image"] = total / 1e12
     out["flop_ratio"] = out["ours_tflop_per_image"] / out["diffusers_tflop_per_image"]
+    out["images_per_encoder_call"] = encode_batch
+    out["weights_gib"] = {k: v / gib for k, v in weights.items()}
+    out["activation_peak_gib"] = {k: v / gib for k, v in activations.items()}
+    out["projected_peak_gib"] = (sum(weights.values()) + max(activations.values())) / gib
     return out
 
 
@@ -686,8 +727,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator bf16 dense peak for MFU (default on CUDA: 989, H100/H200)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet on both sides (model.compile_unet)")
-    parser.add_argument("--sdxl-flops", action="store_true",
-                        help="only print both samplers' FLOPs per image at SDXL scale (meta tensors, no GPU) for the sample cases")
+    parser.add_argument("--sdxl-costs", action="store_true",
+                        help="only print both samplers' FLOPs and projected memory per image at SDXL scale "
+                             "(meta tensors, no GPU) for the sample cases' resolutions")
     parser.add_argument("--out", default="outputs/perf")
     parser.add_argument("--cache-dir", default=os.environ.get("DREAMMIX_CACHE", ".cache"))
     args = parser.parse_args(argv)
@@ -701,11 +743,11 @@ def main(argv: list[str] | None = None) -> dict:
         sample_cases = _pairs(args.sample_cases or DEFAULT_CASES[args.model])
     except ValueError as exc:
         parser.error(str(exc))
-    if args.sdxl_flops:
+    if args.sdxl_costs:
         resolutions = sorted({r for r, _ in (_pairs(args.sample_cases) if args.sample_cases else [(1024, 1)])})
-        result = [sdxl_sampling_flops(r, args.sample_steps) for r in resolutions]
+        result = [sdxl_sampling_costs(r, args.sample_steps) for r in resolutions]
         print(json.dumps(result, indent=2))
-        return {"sdxl_sampling_flops": result}
+        return {"sdxl_sampling_costs": result}
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")

@@ -22,7 +22,7 @@ One denoising schedule of T steps is split at ``k = round(λ·T)`` (DESIGN.md §
 
 Cost equals diffusers' pipeline at the same T: one UNet call (batched CFG) per step in total,
 one text-encoder call each (the prompt and TAS's eliminated words share a batch), VAE work only at
-the stage start (one batched encoder call: masked image + blending target), switch and end, no
+the stage start (masked image + blending target, one encoder call below 1024²), switch and end, no
 host↔device copies in the loop beyond what the scheduler itself does.
 """
 
@@ -61,6 +61,12 @@ from dreammix.tas import (
 
 STAGES = ("local", "global")
 LORA_ADAPTER = "subject"
+# Pixels per VAE encoder call. Below it, the masked image and the blending target share one call
+# (per-call overhead dominates small images); at SDXL's 1024² each image gets its own call: the fp32
+# encoder's activations for one 1024² image are ~2.5 GiB, two in one call ~5 GiB, which would lift
+# the inference peak past 10 GB for no gain on a GPU that one image already fills
+# (``python -m dreammix.perf --model sdxl_arch --sdxl-costs``).
+VAE_ENCODE_PIXELS_PER_CALL = 1024 * 1024
 
 
 def split_steps(lambda_: float, num_inference_steps: int) -> int:
@@ -261,18 +267,21 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
     def _vae_encode_masked_and_clean(
         self, masked: torch.Tensor, pixels: torch.Tensor, generator: Any, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_vae_encode` of ``masked`` (posterior sample) and of ``pixels`` (mean) in ONE
-        batched encoder call. Only the masked half is sampled, drawing exactly the noise that
-        ``retrieve_latents(vae.encode(masked), generator)`` draws (same shape, generator(s), device
-        and dtype as ``DiagonalGaussianDistribution.sample``), so the random stream is unchanged."""
+        """:meth:`_vae_encode` of ``masked`` (posterior sample) and of ``pixels`` (mean) in as few
+        encoder calls as ``VAE_ENCODE_PIXELS_PER_CALL`` allows (one for small images). Only the
+        masked half is sampled, drawing exactly the noise that ``retrieve_latents(vae.encode(masked),
+        generator)`` draws (same shape, generator(s), device and dtype as
+        ``DiagonalGaussianDistribution.sample``), so the random stream is unchanged."""
         b = masked.shape[0]
         x = torch.cat([masked, pixels]).to(device=self.vae.device, dtype=self.vae.dtype)
-        dist = getattr(self.vae.encode(x), "latent_dist", None)
-        if not isinstance(dist, DiagonalGaussianDistribution):  # other posteriors: two plain calls
+        per_call = max(1, VAE_ENCODE_PIXELS_PER_CALL // (x.shape[-2] * x.shape[-1]))
+        dists = [getattr(self.vae.encode(chunk), "latent_dist", None) for chunk in x.split(per_call)]
+        if not all(isinstance(d, DiagonalGaussianDistribution) for d in dists):  # other posteriors: plain calls
             return (
                 self._vae_encode(masked, generator, sample=True, dtype=dtype),
                 self._vae_encode(pixels, None, sample=False, dtype=dtype),
             )
+        dist = dists[0] if len(dists) == 1 else DiagonalGaussianDistribution(torch.cat([d.parameters for d in dists]))
         mean, std, params = dist.mean, dist.std, dist.parameters
         if isinstance(generator, list):
             eps = torch.cat(
@@ -405,7 +414,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         shape = (num_images, self.vae.config.latent_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         # c. with the blending target z^L / z^G (Eq. 3, posterior mean) when the stage needs it:
-        #    both images in one batched encoder call
+        #    both images in one encoder call where they are small (VAE_ENCODE_PIXELS_PER_CALL)
         masked = pixels * (pmask < 0.5)
         image_latents = None
         if blend or start > 0:
