@@ -71,7 +71,7 @@ def pretrained_pipeline(cls, spec: ModelSpec, dtype: torch.dtype):  # noqa: ANN0
             str(Path(source).expanduser()) if _looks_like_path(source) else source,
             revision=spec.revision,
             variant=spec.variant,
-            torch_dtype=dtype,
+            dtype=dtype,
         )
     except (OSError, ValueError) as exc:
         raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
