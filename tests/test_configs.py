@@ -1,6 +1,5 @@
 """Every config group option and every subject composes; subject configs match the dataset."""
 
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

@@ -16,7 +16,7 @@ from test_data import make_regular, make_subject
 def _overrides(tmp_path, subject, run, steps, *extra):
     return [
         "model=tiny", "logger=none", "subject=custom", f"run_dir={tmp_path / run}",
-        f"subject.name=thing", "subject.class_noun=thing",
+        "subject.name=thing", "subject.class_noun=thing",
         f"subject.image_dir={subject.image_dir}", f"subject.mask_dir={subject.mask_dir}",
         f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.precision=32-true",
         "trainer.enable_progress_bar=false", "validation.every_n_steps=0", "data.mask_variants=2", *extra,

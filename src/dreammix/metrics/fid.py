@@ -35,7 +35,7 @@ from PIL import Image
 from dreammix.atomic import atomic_write
 from dreammix.data.images import IMAGE_SUFFIXES, load_image
 from dreammix.errors import DreamMixError
-from dreammix.metrics.common import batched, resolve_device
+from dreammix.metrics.common import resolve_device
 
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
