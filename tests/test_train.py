@@ -248,23 +248,28 @@ def test_compiled_unet_trains_the_lora_under_unchanged_names(tiny_model_dir):
     """model.compile_unet: the LoRA still gets gradients and keeps its checkpoint/export names."""
     from diffusers import DDPMScheduler
 
-    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.models.loading import ModelSpec, load_pipeline
     from dreammix.models.lora import LoraSpec, lora_state_dict
     from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 
     plain, batch = _module_and_batch(tiny_model_dir, LossSpec())
-    pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+    pipe = load_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64, compile_unet=True))
     compiled = DreamMixLoRAModule(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), LoraSpec(), LossSpec(),
-                                  OptimSpec(), compile_unet=True)
+                                  OptimSpec())
     compiled.compute_losses(batch)["loss"].backward()
     assert all(p.grad is not None for p in compiled.lora_params)
     assert set(lora_state_dict(compiled.unet)) == set(lora_state_dict(plain.unet))
     assert set(compiled.state_dict()) == set(plain.state_dict())
 
 
-def test_compile_unet_reaches_the_module_from_the_config(compose, tmp_path, subject):
+def test_model_compile_unet_compiles_the_loaded_unet(compose, tmp_path, subject, tiny_model_dir):
+    """The config key reaches every entry point's loader (lazily: nothing compiles until a call)."""
+    from dreammix.models.loading import ModelSpec, load_pipeline
     from dreammix.train import train_specs
 
     cfg = compose("train", _overrides(tmp_path, subject, "run", 1, "model.compile_unet=true"))
     assert train_specs(cfg).model.compile_unet
     assert not train_specs(compose("train", _overrides(tmp_path, subject, "run", 1))).model.compile_unet
+    spec = ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64)
+    assert load_pipeline(spec).unet._compiled_call_impl is None
+    assert load_pipeline(ModelSpec(**{**spec.__dict__, "compile_unet": True})).unet._compiled_call_impl is not None

@@ -90,7 +90,6 @@ class DreamMixLoRAModule(L.LightningModule):
         optim: OptimSpec,
         gradient_checkpointing: bool = False,
         seed: int = 0,
-        compile_unet: bool = False,
     ):
         super().__init__()
         self.unet = unet
@@ -107,8 +106,6 @@ class DreamMixLoRAModule(L.LightningModule):
         # SDXL UNet layer acts differently in train mode, and Lightning switches to eval for
         # validation and back.
         unet.train()
-        if compile_unet:
-            unet.compile()  # torch.compile in place: parameter names, so LoRA checkpoints, unchanged
         # Checkpoints carry only the LoRA weights; the frozen base comes from the model config.
         self.strict_loading = False
         self.unet_dtype = unet.dtype

@@ -167,8 +167,9 @@ def isolated(fn, *args):
 
 # ---- models and inputs --------------------------------------------------------------------------
 
-def make_pipeline(model: str, device: torch.device, dtype: torch.dtype, cache_dir: Path):
-    """The base pipeline for a perf run: the tiny model (CPU) or SDXL shapes with random weights."""
+def make_pipeline(model: str, device: torch.device, dtype: torch.dtype, cache_dir: Path, compile: bool = False):
+    """The base pipeline for a perf run: the tiny model (CPU) or SDXL shapes with random weights;
+    ``compile`` as ``model.compile_unet`` does it (lazy ``torch.compile`` of the UNet in place)."""
     if model == "tiny":
         from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
         from dreammix.models.tiny import ensure_tiny_pipeline
@@ -183,6 +184,8 @@ def make_pipeline(model: str, device: torch.device, dtype: torch.dtype, cache_di
         raise ValueError(f"unknown perf model {model!r} (tiny | sdxl_arch)")
     for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
+    if compile:
+        pipe.unet.compile()
     return pipe
 
 
@@ -230,12 +233,10 @@ class _BareLoop:
         from dreammix.models.lora import LoraSpec, add_lora
 
         self.spec = spec
-        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir, spec.compile)
         self.unet = self.pipe.unet
         self.params = add_lora(self.unet, LoraSpec())
         self.unet.train()  # as DreamMixLoRAModule does
-        if spec.compile:
-            self.unet.compile()
         self.unet_dtype = self.unet.dtype
         self.checkpointing = spec.model != "tiny"
         if self.checkpointing:
@@ -303,7 +304,7 @@ class _LightningRun:
         from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 
         self.spec = spec
-        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
+        self.pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir, spec.compile)
         self.datamodule = DreamMixDataModule(
             subject=None, spec=DataSpec(source_prompt="a photo of sks can", batch_size=spec.batch, mask_variants=1),
             encoder=FrozenInputEncoder(self.pipe, spec.device), resolution=spec.resolution, use_regular=False,
@@ -311,7 +312,7 @@ class _LightningRun:
         self.datamodule.source = _cached_set(self.pipe, spec)  # encoded up front, exactly like train()
         self.module = DreamMixLoRAModule(
             self.pipe.unet, DDPMScheduler.from_config(self.pipe.scheduler.config), LoraSpec(), LossSpec(beta=0.0),
-            OptimSpec(), gradient_checkpointing=spec.model != "tiny", compile_unet=spec.compile,
+            OptimSpec(), gradient_checkpointing=spec.model != "tiny",
         )
 
     def step_seconds(self, n: int) -> list[float]:
@@ -420,13 +421,6 @@ def _sampling_inputs(size: tuple[int, int], seed: int = 0):
     return image, Image.fromarray(mask, mode="L")
 
 
-def _sampling_pipeline(spec: RunSpec):
-    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir)
-    if spec.compile:
-        pipe.unet.compile()
-    return pipe
-
-
 def _sampler_call(side: str, pipe, spec: RunSpec, steps: int):
     """A function making one pipeline call of ``side`` (``spec.batch`` images)."""
     from diffusers import StableDiffusionXLInpaintPipeline
@@ -467,7 +461,7 @@ def sampling_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict
     from torch.utils.flop_counter import FlopCounterMode
 
     _pin_cpu_threads(spec.device)
-    pipe = _sampling_pipeline(spec)
+    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir, spec.compile)
     call = _sampler_call(side, pipe, spec, steps)
     for _ in range(warmup):
         call()
@@ -487,7 +481,7 @@ def sampling_interleaved(spec: RunSpec, steps: int, warmup: int, calls: int) -> 
     """Both pipelines on the same weights in one process, ``calls`` alternating call pairs:
     (diffusers, ours) seconds per image of each pair."""
     _pin_cpu_threads(spec.device)
-    pipe = _sampling_pipeline(spec)
+    pipe = make_pipeline(spec.model, spec.device, spec.dtype, spec.cache_dir, spec.compile)
     theirs, ours = _sampler_call("diffusers", pipe, spec, steps), _sampler_call("ours", pipe, spec, steps)
     for _ in range(warmup):
         theirs()

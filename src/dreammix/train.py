@@ -164,7 +164,6 @@ def train(cfg: DictConfig) -> Path:
     module = DreamMixLoRAModule(
         pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
         gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed),
-        compile_unet=specs.model.compile_unet,
     )
     logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}

@@ -112,9 +112,18 @@ def model_spec_from_config(cfg) -> ModelSpec:
 
 
 def load_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
-    """Load either base as an SDXL inpainting pipeline: every caller then treats both alike."""
+    """Load either base as an SDXL inpainting pipeline: every caller then treats both alike.
+
+    ``spec.compile_unet`` wraps the UNet in ``torch.compile`` in place (``Module.compile``): it
+    compiles lazily at the first call, so adapters attached afterwards (training LoRA, a subject
+    LoRA for inference) are part of the graph, and parameter names, hence LoRA checkpoints, stay.
+    """
     if hasattr(spec, "patch_file"):
         from dreammix.models.fooocus import load_fooocus_components
 
-        return load_fooocus_components(spec, dtype)
-    return load_inpaint_pipeline(spec, dtype)
+        pipe = load_fooocus_components(spec, dtype)
+    else:
+        pipe = load_inpaint_pipeline(spec, dtype)
+    if spec.compile_unet:
+        pipe.unet.compile()
+    return pipe
