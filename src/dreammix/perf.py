@@ -337,10 +337,6 @@ class _LightningRun:
         return np.diff(ends).tolist()
 
 
-def _encoder_counter(pipe) -> CallCounter:
-    return CallCounter([pipe.text_encoder, pipe.text_encoder_2, pipe.vae.encoder])
-
-
 def training_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict:
     """One side alone in its process: median step time, peak memory, frozen-encoder calls
     during the steps, and (baseline) the model FLOPs of one step."""
@@ -349,7 +345,7 @@ def training_side_run(side: str, spec: RunSpec, steps: int, warmup: int) -> dict
     out = {"flops_per_step": run.model_flops() if side == "bare" else None}
     run.step_seconds(warmup)
     _free(spec.device)
-    counter = _encoder_counter(run.pipe)
+    counter = CallCounter([run.pipe.text_encoder, run.pipe.text_encoder_2, run.pipe.vae.encoder])
     with peak_memory(spec.device) as mem:
         seconds = run.step_seconds(steps)
     counter.remove()
@@ -391,7 +387,7 @@ def measure_training(spec: RunSpec, steps: int, warmup: int, repeats: int) -> di
     ours = isolated(training_side_run, "ours", spec, steps, warmup)
     out = {
         "model": spec.model, "resolution": spec.resolution, "batch": spec.batch, "device": spec.device.type,
-        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32", "repeats": repeats, "steps_per_side": steps * repeats,
+        "precision": "bf16-mixed" if spec.mixed_bf16 else "fp32", "repeats": repeats, "steps_per_side": chunks * chunk_steps * repeats,
         "chunk_steps": chunk_steps,
         "ours_step_s": float(statistics.median(o for _, o in pairs)),
         "bare_step_s": float(statistics.median(b for b, _ in pairs)),
