@@ -112,11 +112,19 @@ class Crash(RuntimeError):
 
 
 class StubPipe:
-    """Fills the mask with a colour from the seed; records calls; crashes on call ``crash_at``."""
+    """Fills the mask with a colour from the seed; records calls and prompt encodings; crashes on
+    call ``crash_at``."""
+
+    text_encoder = text_encoder_2 = None
 
     def __init__(self, crash_at=None):
         self.calls: list[dict] = []
+        self.encoded: list[dict] = []
         self.crash_at = crash_at
+
+    def encode_conditions(self, **text):
+        self.encoded.append(text)
+        return ("conditions", text["prompt"], tuple(text["eliminate"]))
 
     def __call__(self, image, mask_image, prompt, generator, **kwargs):
         if self.crash_at is not None and len(self.calls) + 1 == self.crash_at:
@@ -320,3 +328,19 @@ def test_cli_bad_input_is_one_line(tmp_path, bench):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: LoRA folder not found (lora_dir=")
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_prompts_are_encoded_once_ahead_when_text_encoders_are_parked(compose, tmp_path, bench, park):
+    """park_text_encoders: each distinct prompt setting is encoded once before generation and every
+    call gets its own prompt's conditions; off: the calls encode their prompts themselves."""
+    pipe = StubPipe()
+    evaluate(eval_cfg(compose, tmp_path, bench, "run", f"park_text_encoders={str(park).lower()}"),
+             pipe_factory=lambda c: pipe, metric_suite=StubSuite())
+    assert len(pipe.calls) == 6
+    distinct = {(c["prompt"], tuple(c["eliminate"])) for c in pipe.calls}
+    if park:
+        assert sorted((e["prompt"], tuple(e["eliminate"])) for e in pipe.encoded) == sorted(distinct)
+        assert all(c["conditions"] == ("conditions", c["prompt"], tuple(c["eliminate"])) for c in pipe.calls)
+    else:
+        assert pipe.encoded == [] and all(c["conditions"] is None for c in pipe.calls)

@@ -349,3 +349,37 @@ def test_slice_regression(pipe):
 EXPECTED_BOX = (38, 14, 75, 51)
 EXPECTED_LATENT_SLICE = np.array([-0.00704, -0.01233, 0.17223, -0.08334, -0.13860, -0.02191, 0.00359, 0.10697, -0.01434])
 EXPECTED_IMAGE_SLICE = np.array([0.79216, 0.67059, 0.40784, 0.54118, 0.79216, 0.61176, 0.58039, 0.80000, 0.76863])
+
+
+def test_pre_encoded_conditions_give_the_same_image_without_the_text_encoders(pipe):
+    """encode_conditions + conditions= is the prompt path with the text encoding moved ahead:
+    same latents, and no text-encoder call during the call."""
+    image, mask = _image(64, 64), _mask(64, 64, (16, 48), (16, 48))
+    common = dict(lambda_=0.5, eliminate=["red"], guidance_scale=5.0, output_type="latent")
+    direct = _run(pipe, image, mask, **common).images
+    conditions = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0)
+    calls = []
+    hooks = [te.register_forward_pre_hook(lambda m, a: calls.append(1)) for te in (pipe.text_encoder, pipe.text_encoder_2)]
+    try:
+        cached = _run(pipe, image, mask, conditions=conditions, **common).images
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    torch.testing.assert_close(cached, direct)
+
+
+@pytest.mark.parametrize("change", [{"prompt": "a photo of sks blue can"}, {"eliminate": ["blue"]},
+                                    {"guidance_scale": 1.0}, {"num_images_per_prompt": 2}, {"tas_stages": ["local"]}])
+def test_conditions_for_other_settings_are_refused(pipe, change):
+    conditions = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0)
+    kwargs = {"eliminate": ["red"], "guidance_scale": 5.0, **change}
+    with pytest.raises(DreamMixError, match="conditions were encoded for another"):
+        _run(pipe, _image(64, 64), _mask(64, 64, (16, 48), (16, 48)), conditions=conditions, num_inference_steps=1, **kwargs)
+
+
+def test_encode_conditions_checks_its_inputs(pipe):
+    with pytest.raises(DreamMixError, match="prompt must be a non-empty string"):
+        pipe.encode_conditions("  ")
+    with pytest.raises(DreamMixError, match="TAS stages"):
+        pipe.encode_conditions(PROMPT, eliminate=["red"], tas_stages=["middle"])

@@ -94,6 +94,21 @@ class _Cond:
     pooled: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PromptConditions:
+    """Text conditioning encoded ahead of the calls that use it
+    (:meth:`DreamMixInpaintPipeline.encode_conditions`): a caller with many images per prompt (the
+    benchmark) encodes each prompt once and can take the text encoders off the GPU meanwhile.
+    ``key`` records what it was encoded from, so a call for another prompt refuses it."""
+
+    key: tuple
+    stages: dict[str, _Cond]
+
+
+def _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images: int, guided: bool) -> tuple:
+    return (prompt, negative_prompt, tuple(eliminate), tuple(tas_stages), num_images, guided)
+
+
 def _as_rgb_array(image: Any) -> np.ndarray:
     if isinstance(image, PIL.Image.Image):
         return np.asarray(to_rgb(image))
@@ -205,8 +220,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         feather_radius: int | None,
     ) -> None:
         """Raise :class:`DreamMixError` (one line, naming the argument) on any bad input."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DreamMixError("prompt must be a non-empty string", "prompt")
+        self._check_text_inputs(prompt, eliminate, tas_stages, identifier)
         if mask.shape != image.shape[:2]:
             raise DreamMixError(
                 f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.shape[1]}x{image.shape[0]} "
@@ -225,11 +239,6 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             raise DreamMixError(f"num_images must be a positive integer, got {num_images_per_prompt!r}", "num_images")
         if output_type not in ("pil", "latent"):
             raise DreamMixError(f"output_type must be 'pil' or 'latent', got {output_type!r}", "output_type")
-        bad = [s for s in tas_stages if s not in STAGES]
-        if bad:
-            raise DreamMixError(f"TAS stages must be among {list(STAGES)}, got {bad}", "tas.stages")
-        if eliminate:
-            check_identifier(prompt, identifier)
         if isinstance(generator, list) and len(generator) != num_images_per_prompt:
             raise DreamMixError(
                 f"{len(generator)} generators for {num_images_per_prompt} images", "generator"
@@ -242,6 +251,42 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
                 "between steps, use a first-order or multistep one (euler, ddim, dpmpp_2m, unipc)",
                 "scheduler",
             )
+
+    @staticmethod
+    def _check_text_inputs(prompt: Any, eliminate: list[str], tas_stages: Sequence[str], identifier: str) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DreamMixError("prompt must be a non-empty string", "prompt")
+        bad = [s for s in tas_stages if s not in STAGES]
+        if bad:
+            raise DreamMixError(f"TAS stages must be among {list(STAGES)}, got {bad}", "tas.stages")
+        if eliminate:
+            check_identifier(prompt, identifier)
+
+    # ------------------------------------------------------------------ text conditioning
+    def encode_conditions(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        eliminate: Sequence[str] | None = None,
+        tas_stages: Sequence[str] = STAGES,
+        identifier: str = IDENTIFIER,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> PromptConditions:
+        """The prompt's text conditioning (+ TAS, Eq. 9) for later calls with ``conditions=``;
+        the arguments mean what they mean in :meth:`__call__` and must match the call's."""
+        eliminate = clean_eliminate_words(eliminate, identifier)
+        tas_stages = tuple(tas_stages or ())
+        self._check_text_inputs(prompt, eliminate, tas_stages, identifier)
+        self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._clip_skip = None
+        stages = self._encode_conditions(
+            prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self._execution_device, self.unet.dtype
+        )
+        key = _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self.do_classifier_free_guidance)
+        return PromptConditions(key, stages)
 
     # ------------------------------------------------------------------ helpers
     def _size_multiple(self) -> int:
@@ -517,6 +562,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        conditions: PromptConditions | None = None,
     ) -> DreamMixPipelineOutput | tuple:
         """Inpaint ``mask_image`` (1 = fill) of ``image`` following ``prompt``.
 
@@ -533,6 +579,9 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             feather_radius: pixels of the paste feathering at the input's size (default: half a
                 latent cell, ``vae_scale_factor/2 × input/processing size``).
             output_type: ``"pil"`` or ``"latent"`` (final stage latents, for tests/chaining).
+            conditions: the text conditioning from :meth:`encode_conditions` for this call's prompt,
+                negative prompt, eliminate, tas_stages, guidance and image count (no text encoder
+                runs in the call; anything else is refused).
         """
         # 1. Normalise and check inputs (one-line DreamMixError on anything wrong)
         x = _as_rgb_array(image)
@@ -563,8 +612,16 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         # 2. Split the schedule: k LCG steps, T − k GCH steps
         k = split_steps(lambda_, num_inference_steps)
 
-        # 3. Encode the prompt once (+ TAS decomposition)
-        conds = self._encode_conditions(prompt, negative_prompt, eliminate, tas_stages, n, device, dtype)
+        # 3. Encode the prompt once (+ TAS decomposition), unless the caller already did
+        if conditions is None:
+            conds = self._encode_conditions(prompt, negative_prompt, eliminate, tas_stages, n, device, dtype)
+        elif conditions.key != _conditions_key(prompt, negative_prompt, eliminate, tas_stages, n, self.do_classifier_free_guidance):
+            raise DreamMixError(
+                "conditions were encoded for another prompt, negative prompt, eliminate, tas_stages, "
+                "guidance or image count than this call's", "conditions",
+            )
+        else:
+            conds = {stage: _Cond(c.embeds.to(device, dtype), c.pooled.to(device, dtype)) for stage, c in conditions.stages.items()}
 
         # 4. Sizes and feathering at the input's own aspect ratio
         full_size = processing_size(width, height, resolution, multiple)
