@@ -24,7 +24,6 @@ an error instead of a silent mix of two experiments.
 
 from __future__ import annotations
 
-import contextlib
 
 import hashlib
 import json
@@ -303,6 +302,8 @@ def generate_cases(
             key = _text_key(text[case.case_id])
             if key not in conditions:
                 conditions[key] = pipe.encode_conditions(**text[case.case_id])
+    from dreammix.pipeline import text_encoders_parked
+
     with text_encoders_parked(pipe, enabled=bool(conditions)):
         for number, case in enumerate(pending, start=1):
             image = load_image(case.image_path)
@@ -329,26 +330,6 @@ def generate_cases(
 def _text_key(text: Mapping[str, Any]) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(text.items()))
 
-
-@contextlib.contextmanager
-def text_encoders_parked(pipe, enabled: bool = True):
-    """Text encoders in CPU memory for the block when the pipeline runs on a GPU (their outputs
-    were encoded ahead), back on the GPU afterwards: the benchmark chain reuses the pipeline."""
-    encoders = [te for te in (pipe.text_encoder, pipe.text_encoder_2) if te is not None]
-    devices = [te.device for te in encoders]
-    park = enabled and any(d.type == "cuda" for d in devices)
-    if park:
-        import torch
-
-        for te in encoders:
-            te.to("cpu")
-        torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        if park:
-            for te, device in zip(encoders, devices):
-                te.to(device)
 
 
 # ------------------------------------------------------------------------------------------------

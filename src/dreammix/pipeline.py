@@ -109,6 +109,25 @@ def _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images: 
     return (prompt, negative_prompt, tuple(eliminate), tuple(tas_stages), num_images, guided)
 
 
+@contextlib.contextmanager
+def text_encoders_parked(pipe, enabled: bool = True):
+    """Text encoders in CPU memory for the block when the pipeline runs on a GPU (their outputs
+    were encoded ahead), back on the GPU afterwards: the benchmark chain reuses the pipeline."""
+    encoders = [te for te in (pipe.text_encoder, pipe.text_encoder_2) if te is not None]
+    devices = [te.device for te in encoders]
+    park = enabled and any(d.type == "cuda" for d in devices)
+    if park:
+        for te in encoders:
+            te.to("cpu")
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        if park:
+            for te, device in zip(encoders, devices):
+                te.to(device)
+
+
 def _as_rgb_array(image: Any) -> np.ndarray:
     if isinstance(image, PIL.Image.Image):
         return np.asarray(to_rgb(image))
