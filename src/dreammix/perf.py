@@ -573,7 +573,7 @@ def sdxl_sampling_costs(resolution: int = 1024, steps: int = 30) -> dict:
 
     r, gib = resolution // 8, 1024**3
     with torch.device("meta"):
-        with sdxl_arch._default_dtype(torch.bfloat16):
+        with sdxl_arch.default_dtype(torch.bfloat16):
             unet = UNet2DConditionModel(**sdxl_arch.UNET_CONFIG)
             text_encoders = [CLIPTextModel(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER_CONFIG, vocab_size=49408)),
                              CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER_2_CONFIG, vocab_size=49408))]

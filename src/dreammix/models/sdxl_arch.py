@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dreammix.models.tiny import tokenizer_vocab_and_merges
+from dreammix.models.tiny import assemble_inpaint_pipeline
 
 UNET_CONFIG = dict(
     sample_size=128,
@@ -53,7 +53,8 @@ TEXT_ENCODER_2_CONFIG = dict(  # OpenCLIP ViT-bigG/14 text tower
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Modules created in the block get parameters of ``dtype``."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -64,28 +65,17 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_sdxl_arch_pipeline(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
     """A ``StableDiffusionXLInpaintPipeline`` with SDXL-inpainting shapes and random weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab, merges = tokenizer_vocab_and_merges()
-    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-    tokenizer_2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!", model_max_length=77)
     special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=49408)
     torch.manual_seed(seed)
     with torch.device(device):
-        with _default_dtype(dtype):  # built in the target dtype: no fp32 copy of 3.5 B parameters first
+        with default_dtype(dtype):  # built in the target dtype: no fp32 copy of 3.5 B parameters first
             unet = UNet2DConditionModel(**UNET_CONFIG)
             text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG, **special))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2_CONFIG, **special))
         vae = AutoencoderKL(**VAE_CONFIG)  # fp32: the SDXL VAE overflows in half precision
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="leading", num_train_timesteps=1000,
-    )
-    pipe = StableDiffusionXLInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
-        force_zeros_for_empty_prompt=True,
-    )
+    pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, text_encoder_2)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -60,16 +60,49 @@ def tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]
     return vocab, merges
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Create the tiny pipeline in memory (random weights from ``seed``)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def sdxl_tokenizers():
+    """SDXL's two CLIP tokenizers over the in-code vocabulary; the second pads with "!" (as the
+    real model does)."""
+    from transformers import CLIPTokenizer
 
     vocab, merges = tokenizer_vocab_and_merges()
-    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-    # SDXL's second tokenizer pads with "!" (as the real model does).
-    tokenizer_2 = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!", model_max_length=77)
-    vocab_size = len(tokenizer)
+    return (CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77),
+            CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token="!", model_max_length=77))
+
+
+def assemble_inpaint_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizers=None):
+    """An SDXL inpainting pipeline around built models: SDXL's Euler schedule, in-code tokenizers."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline
+
+    tokenizer, tokenizer_2 = tokenizers or sdxl_tokenizers()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        num_train_timesteps=1000,
+    )
+    return StableDiffusionXLInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """Create the tiny pipeline in memory (random weights from ``seed``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers = sdxl_tokenizers()
+    vocab_size = len(tokenizers[0])
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -120,25 +153,7 @@ def build_tiny_pipeline(seed: int = 0):
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        num_train_timesteps=1000,
-    )
-    return StableDiffusionXLInpaintPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        requires_aesthetics_score=False,
-        force_zeros_for_empty_prompt=True,
-    )
+    return assemble_inpaint_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizers)
 
 
 def ensure_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
