@@ -58,3 +58,17 @@ def test_latent_mask_keeps_leading_dims_and_rejects_bad_sizes():
     assert latent_mask(torch.ones(3, 1, 64, 32)).shape == (3, 1, 8, 4)
     with pytest.raises(ValueError, match="multiple"):
         latent_mask(torch.ones(1, 1, 60, 64))
+
+
+def test_defaults_are_the_papers_values():
+    """Called without weights, Eq. 7 uses tau1 = 1.5 inside and tau2 = 0.7 outside, Eq. 8 beta = 0.4
+    (paper §4.1): a caller relying on the defaults trains the paper's objective."""
+    pred = torch.tensor([[[[1.0, 1.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0]]]])
+    assert reweighted_mse(pred, torch.zeros_like(pred), mask).item() == pytest.approx((1.5 + 0.7) / 2)
+    assert dual_dataset_loss(torch.tensor(1.0), torch.tensor(10.0)).item() == pytest.approx(1.0 + 0.4 * 10.0)
+
+
+def test_dual_dataset_loss_with_unit_beta_adds_the_whole_regular_term():
+    """beta = 1 is a legitimate weight (the reference preset): only beta = 0 drops the regular term."""
+    assert dual_dataset_loss(torch.tensor(2.0), torch.tensor(5.0), 1.0).item() == pytest.approx(7.0)
