@@ -61,7 +61,10 @@ def test_mask_size_mismatch_warns_and_resizes(tmp_path):
     subject = make_subject(tmp_path, n=1, size=64, mask_size=96)
     with pytest.warns(UserWarning, match="resizing the mask"):
         (example,) = load_source_examples(subject)
-    assert example.mask.shape == (64, 64) and example.mask[32, 32] == 1
+    # the 96-px mask's square [24, 72) scaled by 2/3 (nearest neighbour) is [16, 48): shape kept, not all-ones
+    expected = np.zeros((64, 64), np.float32)
+    expected[16:48, 16:48] = 1
+    assert np.array_equal(np.asarray(example.mask), expected)
 
 
 def test_empty_mask_is_an_error(tmp_path):

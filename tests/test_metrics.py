@@ -246,6 +246,27 @@ def test_metric_suite_scores_crop_and_full(clip, dino, reference_files):
     assert scores[1]["clip_t"] == pytest.approx(clip.clip_t([crop], ["a red can"], identifier="").item(), abs=1e-5)
 
 
+def test_crop_scores_are_computed_on_the_crop(clip, dino, tmp_path):
+    """The table values (``clip_i``, ``dino``, ``clip_t``) score the square around the inpainted box,
+    not the whole image: a generated image that holds the reference exactly inside the box and
+    noise elsewhere scores 1 on the crop and less on the full image; with ``crop_scale`` the crop
+    is the enlarged square, cut here by hand (PIL) and scored on its own."""
+    ref = random_image(50, (24, 24))
+    ref_path = tmp_path / "ref.png"
+    ref.save(ref_path)
+    generated = random_image(51, (64, 56))
+    generated.paste(ref, (20, 16))  # the mask box is (20, 16, 44, 40): square, inside the image
+    box = (20, 16, 44, 40)
+    (plain,) = MetricSuite(clip=clip, dino=dino).score([generated], [box], ["a sks can"], [ref_path])
+    assert plain["dino"] == pytest.approx(1.0, abs=1e-5) and plain["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert plain["dino_full"] < 0.99 and plain["clip_i_full"] < 0.99
+    # crop_scale 1.5: a 36-px square centred on the box (32, 28) → (14, 10, 50, 46)
+    (wide,) = MetricSuite(clip=clip, dino=dino, crop_scale=1.5).score([generated], [box], ["a sks can"], [ref_path])
+    full, enlarged = dino.dino([generated, generated.crop((14, 10, 50, 46))], [ref_path]).tolist()
+    assert plain["dino_full"] == pytest.approx(full, abs=1e-5) and wide["dino_full"] == pytest.approx(full, abs=1e-5)
+    assert wide["dino"] == pytest.approx(enlarged, abs=1e-5) and enlarged < 0.99
+
+
 def test_metric_suite_from_tiny_config(tmp_path, compose, reference_files):
     """``metrics=tiny`` composes over the defaults and builds its models on first use."""
     cfg = compose("build_benchmark", ["+metrics=tiny", f"paths.cache_dir={tmp_path}", "metrics.device=cpu"])

@@ -1,5 +1,6 @@
 """TAS (paper Eq. 9): orthogonal decomposition, its use on SDXL prompt embeddings, word selection."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,12 +67,40 @@ def test_shapes_broadcast_over_batch_and_tokens():
                 assert torch.allclose(out[b, t], expected, atol=1e-6)
 
 
+def _remainder_f64(p_raw: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Independent reference: p - Q Qᵀ p in float64, Q an orthonormal basis of the directions (numpy QR)."""
+    q, _ = np.linalg.qr(directions.double().numpy().T)
+    p = p_raw.double().numpy()
+    return torch.from_numpy(p - (p @ q) @ q.T)
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return ((x.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+
+
 def test_dtype_is_kept_and_bf16_is_computed_in_fp32():
+    """bf16 prompt embeddings (SDXL in bf16) must not lose Eq. 9's small remainder: p_raw almost
+    parallel to p_eli makes ``p_raw - c·p_eli`` a catastrophic cancellation, which in bf16 leaves
+    ~10 % error; computed in fp32 and rounded once, the result is the float64 answer rounded to bf16."""
     g = torch.Generator().manual_seed(3)
-    p_raw, p_eli = torch.randn(4, 2048, generator=g), torch.randn(2048, generator=g)
-    out = orthogonal_decompose(p_raw.bfloat16(), p_eli.bfloat16())
+    d, small = torch.randn(2, 2048, generator=g), 0.05 * torch.randn(8, 2048, generator=g)
+    dirs = d.bfloat16()
+    rounding = 2.0**-8  # bf16 relative rounding of one value
+    p_raw = (3.0 * d[0] + small).bfloat16()
+    # the inputs do separate the two: Eq. 9 evaluated in bf16 by hand is far off
+    e = dirs[0]
+    in_bf16 = p_raw - ((p_raw * e).sum(-1, keepdim=True) / (e * e).sum(-1, keepdim=True)) * e
+    ref = _remainder_f64(p_raw, dirs[:1])
+    assert _rel_err(in_bf16, ref) > 10 * rounding
+    out = orthogonal_decompose(p_raw, e)
     assert out.dtype == torch.bfloat16
-    assert _cos(out.float(), p_eli.bfloat16().float().expand(4, -1)).abs().max() < 2e-2
+    assert _rel_err(out, ref) < 1.5 * rounding
+    # several directions: the running result stays fp32 between the projections (rounding it
+    # to bf16 after removing d0 leaves an error as large as the remainder after removing d1)
+    p_raw = (3.0 * d[0] + 2.0 * d[1] + small).bfloat16()
+    out = project_out(p_raw, dirs)
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out, _remainder_f64(p_raw, dirs)) < 1.5 * rounding
 
 
 def test_project_out_is_orthogonal_to_every_direction():
@@ -96,6 +125,10 @@ def test_decompose_prompt_embeds_touches_only_prompt_tokens():
     for j in (1, 2):  # eliminated words sit at positions 1..2 of their encoding
         assert _cos(out[:, 1:5], eli[0, j].expand(2, 4, 8)).abs().max() < 1e-5
     assert _cos(out_pooled, eli_pooled.expand(2, 6)).abs().max() < 1e-5
+    # and they are exactly the part orthogonal to those directions (not, e.g., zeroed tokens)
+    expected = _remainder_f64(prompt[:, 1:5].reshape(-1, 8), eli[0, 1:3]).reshape(2, 4, 8)
+    assert torch.allclose(out[:, 1:5].double(), expected, atol=1e-5)
+    assert torch.allclose(out_pooled.double(), _remainder_f64(pooled, eli_pooled), atol=1e-5)
     same, same_pooled = decompose_prompt_embeds(prompt, pooled, eli, eli_pooled, 4, 0)
     assert same is prompt and same_pooled is pooled
 

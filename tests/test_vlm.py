@@ -113,9 +113,48 @@ def test_500s_until_retry_budget_spent_fail_clearly_with_nothing_written(tmp_pat
         with pytest.raises(VLMError, match=r"after 3 attempts, last: HTTP 500") as info:
             ask(client_for(server, tmp_path, sleeps, max_retries=2))
     assert len(server.requests) == 3
-    assert len(sleeps) == 2 and sleeps[1] >= sleeps[0] * 0.5  # exponential, jittered, capped
+    assert len(sleeps) == 2  # one wait between attempts (their lengths: test_backoff_doubles_...)
     assert isinstance(info.value, DreamMixError)
     assert cache_files(tmp_path) == []
+
+
+def test_backoff_doubles_from_base_is_jittered_and_capped(tmp_path, key, monkeypatch):
+    """Retry k waits backoff_base·2^k, capped at backoff_max, times a jitter factor in [0.5, 1)
+    (so clients that failed together spread out); a Retry-After above the cap is capped too.
+    The jitter draws are scripted at both ends of their range; the server is an in-process
+    stand-in for ``openai.OpenAI`` raising the real ``openai`` status errors (no HTTP: fast)."""
+    import types
+
+    import httpx
+    import openai
+
+    import dreammix.vlm as vlm
+
+    def status_error(cls, status, headers=None):
+        response = httpx.Response(status, headers=headers, request=httpx.Request("POST", "http://127.0.0.1/v1"))
+        return cls(f"HTTP {status}", response=response, body=None)
+
+    errors = [status_error(openai.InternalServerError, 500)] * 5
+    errors += [status_error(openai.RateLimitError, 429, {"Retry-After": "100"}), status_error(openai.InternalServerError, 500)]
+    errors += [status_error(openai.InternalServerError, 503)]
+    calls = []
+
+    def create(**payload):
+        calls.append(payload)
+        raise errors[len(calls) - 1]
+
+    fake = types.SimpleNamespace(chat=types.SimpleNamespace(completions=types.SimpleNamespace(create=create)))
+    monkeypatch.setattr(openai, "OpenAI", lambda **kwargs: fake)
+    draws = iter([0.0, 0.999999, 0.5, 0.0, 0.999999, 0.0, 0.0])
+    monkeypatch.setattr(vlm, "random", types.SimpleNamespace(random=lambda: next(draws)))
+    sleeps: list[float] = []
+    settings = VLMSettings(model="fake-vlm", max_retries=7, backoff_base=1.0, backoff_max=10.0, cache_dir=None)
+    with pytest.raises(VLMError, match=r"after 8 attempts, last: HTTP 503"):
+        ask(VLMClient(settings, sleep=sleeps.append))
+    assert len(calls) == 8
+    # base·2^k = 1, 2, 4, 8, 16→10, (Retry-After 100)→10, 64→10; times the jitter factors
+    # 0.5, 1, 0.75, 0.5, 1, -, 0.5 (the cap is jittered too: capped retries still spread out)
+    assert sleeps == pytest.approx([0.5, 2.0, 3.0, 4.0, 10.0, 10.0, 5.0], rel=1e-5)
 
 
 def test_rerun_is_a_cache_hit_with_zero_requests_and_no_key(tmp_path, key, image, monkeypatch):

@@ -30,10 +30,15 @@ def _open(path: Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit images are rescaled, not clipped)."""
+    """Convert any PIL mode to 8-bit RGB (16-bit images are rescaled, not clipped: x/257 rounded).
+
+    An integer image none of whose values exceeds 255 holds 8-bit values (PIL's ``convert("I;16")``
+    or ``convert("I")`` of an 8-bit image keeps 0..255, and writes them so into 16-bit files);
+    it is read as 8-bit, the way :func:`mask_to_binary` reads it, rather than as near black.
+    """
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        peak = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on white so transparent subject cut-outs keep a clean background.
@@ -77,7 +82,8 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
             f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}; resizing the mask",
             stacklevel=2,
         )
-        mask = mask.convert("L").resize(tuple(size), Image.NEAREST)
+        # in its own mode: convert("L") first would clip 16-bit values and drop an alpha shape
+        mask = mask.resize(tuple(size), Image.NEAREST)
     return mask_to_binary(mask)
 
 
