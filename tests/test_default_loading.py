@@ -123,13 +123,13 @@ def _assert_bf16_copy_of(loaded: dict, source: dict, other: dict, what: str) -> 
 
 
 def _assert_fp32_near(loaded: dict, source: dict, other: dict, what: str) -> None:
-    """fp32 weights equal to ``source`` up to bf16 rounding (weights may pass through bf16 on
-    their way to the fp32 cast), and far from ``other``'s."""
+    """fp32 weights exactly equal to ``source`` (read straight into fp32: no bf16 rounding on the
+    way), and far from ``other``'s."""
     assert set(source) <= set(loaded)
     for key, value in source.items():
         got = loaded[key]
         assert got.dtype == torch.float32, f"{what}.{key} is {got.dtype}"
-        torch.testing.assert_close(got, value.float(), rtol=2**-8, atol=1e-30, msg=f"{what}.{key}")
+        assert torch.equal(got, value.float()), f"{what}.{key} differs from the file (bf16-rounded on the way?)"
         if other[key].float().sub(value.float()).abs().max() > 1e-2:
             assert not torch.allclose(got, other[key].float(), rtol=2**-8, atol=1e-30), f"{what}.{key} from the other file"
 

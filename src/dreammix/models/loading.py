@@ -66,12 +66,15 @@ def pretrained_pipeline(cls, spec: ModelSpec, dtype: torch.dtype):  # noqa: ANN0
     """``cls.from_pretrained`` of ``spec.pretrained`` (hub id or local folder, ``~`` expanded);
     a missing or unreadable model is a one-line :class:`DreamMixError` naming ``model.pretrained``."""
     source = spec.pretrained
+    # The VAE is read straight into fp32 when it is to run in fp32: loading it in bf16 and casting
+    # afterwards would keep the bf16 rounding of its weights.
+    dtypes = {"default": dtype, "vae": torch.float32} if spec.vae_fp32 else dtype
     try:
         return cls.from_pretrained(
             str(Path(source).expanduser()) if _looks_like_path(source) else source,
             revision=spec.revision,
             variant=spec.variant,
-            dtype=dtype,
+            dtype=dtypes,
         )
     except (OSError, ValueError) as exc:
         raise DreamMixError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", "model.pretrained") from exc
