@@ -363,17 +363,28 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
     def _predict_x0(self, step_output: Any, scaled_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x₀ at the LCG → GCH switch: the scheduler's own prediction when it reports one (Euler,
-        DDIM, …), else from the VP-scaled model input: ε-, v- or sample-prediction."""
+        DDIM, …), else from the VP-scaled model input: ε-, v- or sample-prediction, at the noise
+        level the step used: the scheduler's own σ where it keeps one (DPM-Solver, UniPC; Karras σs
+        lie between the integer timesteps, where ᾱ[t] is off), else ᾱ[t]."""
         x0 = getattr(step_output, "pred_original_sample", None)
         if x0 is not None:
             return x0
-        a = self.scheduler.alphas_cumprod.to(scaled_input.device, torch.float32)[int(t)]
+        scheduler = self.scheduler
+        index = getattr(scheduler, "step_index", None)
+        if index is not None and hasattr(scheduler, "sigmas") and hasattr(scheduler, "_sigma_to_alpha_sigma_t"):
+            # step() has advanced the index: this step's σ is the previous entry
+            alpha, sigma = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[index - 1])
+        else:
+            a = scheduler.alphas_cumprod[int(t)]
+            alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        alpha = torch.as_tensor(alpha, device=scaled_input.device, dtype=torch.float32)
+        sigma = torch.as_tensor(sigma, device=scaled_input.device, dtype=torch.float32)
         x, pred = scaled_input.float(), noise_pred.float()
-        kind = self.scheduler.config.prediction_type
+        kind = scheduler.config.prediction_type
         if kind == "epsilon":
-            x0 = (x - (1 - a).sqrt() * pred) / a.sqrt()
+            x0 = (x - sigma * pred) / alpha
         elif kind == "v_prediction":
-            x0 = a.sqrt() * x - (1 - a).sqrt() * pred
+            x0 = alpha * x - sigma * pred
         else:
             x0 = pred
         return x0.to(scaled_input.dtype)
