@@ -381,3 +381,34 @@ def test_encode_conditions_checks_its_inputs(pipe):
         pipe.encode_conditions("  ")
     with pytest.raises(DreamMixError, match="TAS stages"):
         pipe.encode_conditions(PROMPT, eliminate=["red"], tas_stages=["middle"])
+
+
+def test_mask_arrays_threshold_at_half_of_their_own_range():
+    """A mask array means "fill" at >= half of its dtype's range: 0.5 for float/bool, 128 for
+    8-bit, 32768 for 16-bit — also for RGB(A) arrays, whose gray mean is a float (a JPEG-like
+    RGB mask with 3/255 noise in the background must not fill the whole image)."""
+    from dreammix.pipeline import _as_binary_mask
+
+    expected = np.zeros((4, 6), np.float32)
+    expected[1:3, 2:5] = 1
+    inside = expected.astype(bool)
+
+    def levels(dtype, low, high):
+        return np.where(inside, high, low).astype(dtype)
+
+    cases = {
+        "float": levels(np.float32, 0.05, 0.95),
+        "bool": inside,
+        "uint8": levels(np.uint8, 3, 250),
+        "uint8 at 127/128": levels(np.uint8, 127, 128),
+        "uint16": levels(np.uint16, 1000, 60000),
+        "uint16 at 32767/32768": levels(np.uint16, 32767, 32768),
+        "int64 8-bit values": levels(np.int64, 3, 200),
+        "rgb uint8": np.repeat(levels(np.uint8, 3, 250)[..., None], 3, axis=2),
+        "rgba uint8": np.concatenate([np.repeat(levels(np.uint8, 3, 250)[..., None], 3, axis=2),
+                                      np.full((4, 6, 1), 255, np.uint8)], axis=2),
+        "rgb uint16": np.repeat(levels(np.uint16, 1000, 60000)[..., None], 3, axis=2),
+        "tensor": torch.from_numpy(levels(np.float32, 0.1, 0.9))[None],
+    }
+    for name, mask in cases.items():
+        assert np.array_equal(_as_binary_mask(mask), expected), name

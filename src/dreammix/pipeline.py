@@ -157,15 +157,19 @@ def _as_binary_mask(mask: Any) -> np.ndarray:
         mask = mask.detach().cpu().numpy()
     if isinstance(mask, np.ndarray):
         arr = np.squeeze(mask)
+        # half range of the array's own scale, decided before an RGB(A) array is averaged to gray
+        # (its mean is float whatever the scale): bool/float 0.5, 8-bit 128, 16-bit 32768
+        if np.issubdtype(arr.dtype, np.integer) and (arr.dtype == np.uint16 or arr.max() > 255):
+            threshold = 32768.0
+        elif arr.dtype == np.uint8 or (np.issubdtype(arr.dtype, np.integer) and arr.max() > 1):
+            threshold = 128.0
+        else:
+            threshold = 0.5
         if arr.ndim == 3:  # RGB(A) array: use its gray level like an RGB mask file
-            arr = arr[..., :3].mean(axis=-1)
+            arr = arr[..., :3].astype(np.float64).mean(axis=-1)
         if arr.ndim != 2:
             raise DreamMixError(f"mask array must be HxW, got shape {mask.shape}", "mask_image")
-        if arr.dtype == bool:
-            return arr.astype(np.float32)
-        if arr.dtype == np.uint8 or (np.issubdtype(arr.dtype, np.integer) and arr.max() > 1):
-            return (arr >= 128).astype(np.float32)
-        return (arr >= 0.5).astype(np.float32)
+        return (arr >= threshold).astype(np.float32)
     raise DreamMixError(f"mask must be a PIL image or a numpy array, got {type(mask).__name__}", "mask_image")
 
 
