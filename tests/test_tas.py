@@ -8,8 +8,10 @@ from dreammix.errors import DreamMixError
 from dreammix.tas import (
     check_identifier,
     clean_eliminate_words,
+    count_text_tokens,
     decompose_prompt_embeds,
     orthogonal_decompose,
+    orthonormal_basis,
     project_out,
     select_eliminate_words,
 )
@@ -24,6 +26,9 @@ def test_hand_computed_values():
     out = orthogonal_decompose(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0]))
     assert torch.allclose(out, torch.tensor([0.5, -0.5]))
     out = orthogonal_decompose(torch.tensor([3.0, 4.0]), torch.tensor([2.0, 0.0]))
+    assert torch.allclose(out, torch.tensor([0.0, 4.0]))
+    # a direction shorter than 1 is divided by its own ||p_eli||², not by 1: coefficient 1.5/0.25 = 6
+    out = orthogonal_decompose(torch.tensor([3.0, 4.0]), torch.tensor([0.5, 0.0]))
     assert torch.allclose(out, torch.tensor([0.0, 4.0]))
 
 
@@ -50,6 +55,10 @@ def test_zero_when_parallel_and_noop_for_zero_direction():
     assert torch.allclose(orthogonal_decompose(-2.5 * p_eli, p_eli), torch.zeros(4), atol=1e-6)
     p_raw = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert torch.equal(orthogonal_decompose(p_raw, torch.zeros(4)), p_raw)
+    # ... also to first order: d out / d p_raw is the identity, not a NaN from the 0/0 of Eq. 9
+    p_raw.requires_grad_(True)
+    (grad,) = torch.autograd.grad(orthogonal_decompose(p_raw, torch.zeros(4)).sum(), p_raw)
+    assert torch.equal(grad, torch.ones(4))
 
 
 def test_shapes_broadcast_over_batch_and_tokens():
@@ -103,6 +112,79 @@ def test_dtype_is_kept_and_bf16_is_computed_in_fp32():
     assert _rel_err(out, _remainder_f64(p_raw, dirs)) < 1.5 * rounding
 
 
+def test_float64_inputs_keep_float64_precision():
+    """Removing a coordinate axis is exact arithmetic: the coordinate becomes 0 and the others
+    keep every bit. A float64 prompt (or float64 directions) must therefore come back exactly
+    like that, even when the other argument is float32: nothing may pass through float32."""
+    g = torch.Generator().manual_seed(6)
+    p_raw = torch.randn(3, 8, generator=g, dtype=torch.float64)  # values with bits beyond float32
+    expected = p_raw.clone()
+    expected[:, 1] = 0.0
+    axis = torch.zeros(8, dtype=torch.float64)
+    axis[1] = 2.0  # a power of two: ||p_eli||² = 4 and the coefficient p/2 are exact
+    for p_eli in (axis, axis.float()):
+        out = orthogonal_decompose(p_raw, p_eli)
+        assert out.dtype == torch.float64 and torch.equal(out, expected)
+    for directions in (axis[None], axis[None].float()):
+        out = project_out(p_raw, directions)
+        assert out.dtype == torch.float64 and torch.equal(out, expected)
+
+
+def test_fp32_prompt_with_fp64_directions_is_computed_in_fp64():
+    """The mirror case: fp32 p_raw, fp64 directions. Eq. 9 (and the running result between
+    projections) is evaluated in fp64 and rounded to fp32 once, so the result is the fp64 answer
+    to fp32 rounding, although p_raw almost parallel to the directions makes it a cancellation
+    that costs ~10⁻⁴ relative error in fp32."""
+    g = torch.Generator().manual_seed(7)
+    d = torch.randn(2, 256, generator=g, dtype=torch.float64)
+    small = 1e-3 * torch.randn(4, 256, generator=g, dtype=torch.float64)
+    rounding = 2.0**-24  # fp32 relative rounding of one value
+    p_raw = (3.0 * d[0] + small).float()
+    ref = _remainder_f64(p_raw, d[:1])
+    e = d[0].float()  # the inputs do separate fp32 from fp64 evaluation:
+    in_fp32 = p_raw - ((p_raw * e).sum(-1, keepdim=True) / (e * e).sum(-1, keepdim=True)) * e
+    assert _rel_err(in_fp32, ref) > 100 * rounding
+    out = orthogonal_decompose(p_raw, d[0])
+    assert out.dtype == torch.float32
+    assert _rel_err(out, ref) < 2 * rounding
+    p_raw = (3.0 * d[0] + 2.0 * d[1] + small).float()
+    out = project_out(p_raw, d)
+    assert out.dtype == torch.float32
+    assert _rel_err(out, _remainder_f64(p_raw, d)) < 2 * rounding
+
+
+def _projector_f64(vectors: torch.Tensor) -> np.ndarray:
+    """Orthogonal projector onto the row span of independent ``vectors`` (numpy QR, float64)."""
+    q, _ = np.linalg.qr(vectors.double().numpy().T)
+    return q @ q.T
+
+
+def test_orthonormal_basis_spans_the_directions_and_drops_dependent_ones():
+    """Gram–Schmidt result: k = rank orthonormal rows whose projector is the span's projector.
+    Rows in the span of earlier ones (a repeat, a linear combination) and zero rows add nothing,
+    for any overall scale of the embeddings (CLIP token embeddings have norms of tens)."""
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(2, 16, generator=g)
+    for scale in (1e-3, 1.0, 1e2):
+        vectors = scale * torch.stack([a, torch.zeros(16), b, 2.0 * a - 3.0 * b, a])
+        basis = orthonormal_basis(vectors)
+        assert basis.shape == (2, 16)
+        assert torch.allclose(basis @ basis.T, torch.eye(2), atol=1e-5)
+        assert np.allclose(basis.double().numpy().T @ basis.double().numpy(), _projector_f64(torch.stack([a, b])), atol=1e-5)
+    # bf16 embeddings are orthonormalised in fp32 (to fp32 accuracy, not bf16's 2⁻⁸); fp64 stays fp64
+    vectors = torch.stack([a, a + 0.1 * b]).bfloat16()
+    basis = orthonormal_basis(vectors)
+    assert basis.dtype == torch.float32 and torch.allclose(basis @ basis.T, torch.eye(2), atol=1e-5)
+    assert orthonormal_basis(vectors.float()).dtype == torch.float32
+    assert orthonormal_basis(vectors.double()).dtype == torch.float64
+    # nothing to span: an empty (0, D) basis, and project_out removes nothing
+    for zeros in (torch.zeros(3, 5), torch.zeros(3, 5, dtype=torch.bfloat16)):
+        basis = orthonormal_basis(zeros)
+        assert basis.shape == (0, 5) and basis.dtype == torch.float32
+    p_raw = torch.randn(2, 5, generator=g)
+    assert torch.equal(project_out(p_raw, torch.zeros(3, 5)), p_raw)
+
+
 def test_project_out_is_orthogonal_to_every_direction():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(16, generator=g)
@@ -133,6 +215,44 @@ def test_decompose_prompt_embeds_touches_only_prompt_tokens():
     assert same is prompt and same_pooled is pooled
 
 
+def test_decompose_prompt_embeds_token_counts_are_capped_at_the_window():
+    """The counts come from the tokenizer; the BOS (first) and the last position of the window are
+    never prompt/eliminated words: a count beyond the window is capped at L - 2, a count of 0
+    leaves everything alone, a count of 1 still decomposes that one token."""
+    g = torch.Generator().manual_seed(9)
+    L, D = 6, 16
+    prompt, pooled = torch.randn(2, L, D, generator=g), torch.randn(2, 4, generator=g)
+    eli, eli_pooled = torch.randn(1, L, D, generator=g), torch.randn(1, 4, generator=g)
+    out, out_pooled = decompose_prompt_embeds(prompt, pooled, eli, eli_pooled, 100, 100)
+    assert torch.equal(out[:, 0], prompt[:, 0]) and torch.equal(out[:, L - 1], prompt[:, L - 1])
+    expected = _remainder_f64(prompt[:, 1 : L - 1].reshape(-1, D), eli[0, 1 : L - 1]).reshape(2, L - 2, D)
+    assert torch.allclose(out[:, 1 : L - 1].double(), expected, atol=1e-5)
+    assert torch.allclose(out_pooled.double(), _remainder_f64(pooled, eli_pooled), atol=1e-5)
+    # one prompt token, one eliminated word
+    out, _ = decompose_prompt_embeds(prompt, pooled, eli, eli_pooled, 1, 1)
+    assert torch.allclose(out[:, 1].double(), _remainder_f64(prompt[:, 1], eli[0, 1:2]), atol=1e-5)
+    assert torch.equal(out[:, 2:], prompt[:, 2:]) and torch.equal(out[:, 0], prompt[:, 0])
+    # an empty prompt has no word to decompose
+    same, same_pooled = decompose_prompt_embeds(prompt, pooled, eli, eli_pooled, 0, 2)
+    assert torch.equal(same, prompt) and torch.equal(same_pooled, pooled)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from dreammix.models.tiny import sdxl_tokenizers
+
+    return sdxl_tokenizers()[0]
+
+
+def test_count_text_tokens_counts_words_between_bos_and_eos(tiny_tokenizer):
+    """The tiny CLIP vocabulary has one token for each of a few words (a, sks, red, can, …) and
+    one per byte otherwise; the count excludes BOS/EOS and is capped at the 77-token window."""
+    assert count_text_tokens(tiny_tokenizer, "a sks red can") == 4
+    assert count_text_tokens(tiny_tokenizer, "red silver") == 1 + len("silver")
+    assert count_text_tokens(tiny_tokenizer, "") == 0
+    assert count_text_tokens(tiny_tokenizer, "a " * 100) == 77 - 2
+
+
 def test_select_eliminate_words_same_category_rule():
     attributes = {
         "color": ["red", "silver"],
@@ -148,6 +268,8 @@ def test_select_eliminate_words_same_category_rule():
     assert select_eliminate_words("a sks silver and green can", attributes) == ["red"]
     assert select_eliminate_words("a photo of sks can", attributes) == []
     assert select_eliminate_words("a sks green can", {"Colour": ["red"]}) == ["red"]
+    # a single entry given as a plain string is one word, not a sequence of letters
+    assert select_eliminate_words("a sks green can", {"color": "red"}) == ["red"]
 
 
 def test_identifier_and_word_checks():
