@@ -214,6 +214,30 @@ def test_generation_uses_each_cases_seed_prompt_and_tas_words(compose, tmp_path,
     assert all(c["lambda_"] == 0.0 and c["eliminate"] == [] for c in pipe.calls)
 
 
+#: Non-default values of every generation key of eval.yaml (dif.*, tas.*, sampling), as overrides
+#: and as what the pipeline call must receive.
+KEYS = ["steps=3", "dif.lambda_=0.4", "dif.crop_scale=1.6", "dif.min_crop_frac=0.8", "dif.blend=false",
+        "dif.feather_radius=3", "tas.stages=[local]", "guidance_scale=2.5", "negative_prompt=blurry photo"]  # fmt: skip
+EXPECTED_CALL = dict(num_inference_steps=3, lambda_=0.4, crop_scale=1.6, min_crop_frac=0.8, blend=False, feather_radius=3,
+                     tas_stages=["local"], guidance_scale=2.5, negative_prompt="blurry photo")  # fmt: skip
+
+
+def test_every_generation_key_reaches_the_pipeline_call(compose, tmp_path, bench):
+    """Each dif.* / tas.* / sampling key, set to a non-default value, is what every pipeline call of
+    the benchmark gets (with the case's own seed and TAS words); tas.enabled=false sends no words."""
+    pipe = StubPipe()
+    evaluate(eval_cfg(compose, tmp_path, bench, "run", "tasks=[attribute]", "limit=2", *KEYS),
+             pipe_factory=lambda c: pipe, metric_suite=StubSuite())  # fmt: skip
+    assert len(pipe.calls) == 2 and [c["seed"] for c in pipe.calls] == [100, 101]
+    for call in pipe.calls:
+        assert {k: call[k] for k in EXPECTED_CALL} == EXPECTED_CALL
+        assert call["eliminate"] == ["blue", "silver"] and call["prompt"] == "a red sks thing"
+    pipe = StubPipe()
+    evaluate(eval_cfg(compose, tmp_path, bench, "off", "tasks=[attribute]", "limit=1", "tas.enabled=false",
+                      "tas.eliminate=[blue]"), pipe_factory=lambda c: pipe, metric_suite=StubSuite())  # fmt: skip
+    assert [c["eliminate"] for c in pipe.calls] == [[]]
+
+
 def test_resume_with_other_settings_is_refused(compose, tmp_path, bench):
     evaluate(eval_cfg(compose, tmp_path, bench, "run", "limit=1"), pipe_factory=lambda c: StubPipe(), metric_suite=StubSuite())
     with pytest.raises(DreamMixError, match="cannot resume into this run_dir: dif"):
@@ -277,22 +301,113 @@ def test_real_images_row_excludes_self_pairs():
     assert got["clip_t"] == pytest.approx(0.25) and got["n"] == 3
 
 
-def test_real_tiny_models_end_to_end_with_fid_and_wandb_table(compose, tmp_path, bench, tiny_model_dir):
-    """The production path: tiny SDXL pipeline (no LoRA), tiny CLIP/DINO, colour-stats FID, W&B offline."""
-    cfg = eval_cfg(compose, tmp_path, bench, "run", "lora_dir=null", f"model.pretrained={tiny_model_dir}", "logger=wandb",
-                   "tasks=[identity]", "wandb_rows=2")  # fmt: skip
-    result = evaluate(cfg)
+LORA_RANK, LORA_ALPHA = 4, 2.0
+
+
+def make_real_lora(tiny_model_dir, directory: Path) -> Path:
+    """A real LoRA for the tiny UNet (random non-zero B, alpha ≠ rank), saved like train.py does."""
+    from diffusers import UNet2DConditionModel
+
+    from dreammix.models.lora import LoraSpec, add_lora, save_lora
+
+    spec = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    add_lora(unet, spec)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_lora(unet, directory, spec)
+    return directory
+
+
+def reference_scorer(references, metrics_cfg):
+    """CLIP-I / CLIP-T / DINO of a generated image recomputed with transformers and torchvision from
+    their definitions (paper §4.1, DreamBooth protocol): crop = the square of side max(box w, h)
+    centred on the box; CLIP-I / DINO = mean cosine with every reference image; CLIP-T = cosine with
+    the prompt without ``sks``; DINO = CLS token after Resize(bicubic) + CenterCrop + ImageNet norm."""
+    from torchvision import transforms
+    from transformers import CLIPModel, CLIPProcessor, ViTModel
+
+    refs = [Image.open(r).convert("RGB") for r in references]
+    unit = lambda f: f / f.norm(dim=-1, keepdim=True)  # noqa: E731
+    clip = CLIPModel.from_pretrained(str(metrics_cfg.clip.model)).eval()
+    processor = CLIPProcessor.from_pretrained(str(metrics_cfg.clip.model))
+    dino = ViTModel.from_pretrained(str(metrics_cfg.dino.model), add_pooling_layer=False).eval()
+    to_dino = transforms.Compose([
+        transforms.Resize(int(metrics_cfg.dino.resize), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(int(metrics_cfg.dino.crop)), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])  # fmt: skip
+
+    def scores(image: Image.Image, box, prompt: str) -> dict[str, float]:
+        x0, y0, x1, y1 = box
+        side = max(x1 - x0, y1 - y0)
+        left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+        assert 0 <= left and 0 <= top and left + side <= image.width and top + side <= image.height  # no shift needed
+        crop = image.crop((left, top, left + side, top + side))
+        with torch.no_grad():
+            out = clip(**processor(text=[prompt.replace("sks ", "")], images=[crop, image, *refs], return_tensors="pt", padding=True))
+            img, txt = unit(out.image_embeds), unit(out.text_embeds)[0]
+            cls = unit(dino(pixel_values=torch.stack([to_dino(im) for im in [crop, image, *refs]])).last_hidden_state[:, 0])
+        result = {}
+        for i, suffix in ((0, ""), (1, "_full")):
+            result["clip_i" + suffix] = float((img[2:] @ img[i]).mean())
+            result["clip_t" + suffix] = float(img[i] @ txt)
+            result["dino" + suffix] = float((cls[2:] @ cls[i]).mean())
+        return result
+
+    return scores
+
+
+def test_real_tiny_models_end_to_end_equal_direct_pipeline_calls_and_scores(compose, tmp_path, bench, tiny_model_dir):
+    """The production path — tiny SDXL pipeline with a real subject LoRA, tiny CLIP/DINO, colour-stats
+    FID, W&B offline — with every generation key non-default: each written image equals a direct
+    pipeline call for its case (seed, TAS words, the configured values; the LoRA put in with diffusers'
+    own load_lora_weights/set_adapters at lora_scale), and each record's six scores equal the cosines
+    recomputed from the written image with transformers."""
+    from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline
+
+    from dreammix.evaluate import load_eval_pipeline
+    from dreammix.pipeline import LORA_ADAPTER, DreamMixInpaintPipeline
+
+    lora = make_real_lora(tiny_model_dir, tmp_path / "real_lora")
+    cfg = eval_cfg(compose, tmp_path, bench, "run", f"lora_dir={lora}", "lora_scale=0.5", "scheduler=ddim", *KEYS,
+                   f"model.pretrained={tiny_model_dir}", "logger=wandb", "tasks=[attribute]", "limit=2", "wandb_rows=2")  # fmt: skip
+    loaded = []
+    result = evaluate(cfg, pipe_factory=lambda c: loaded.append(load_eval_pipeline(c)) or loaded[-1])
     run = tmp_path / "run"
-    assert result.generated == 3 and result.scored == 3
-    for record in result.records:
-        out = Image.open(run / record["image"])
-        background = Image.open(bench.manifest.parent / "bg" / f"{record['case_id'][-1]}.png")
-        assert out.size == background.size  # written at the input's size
-        assert all(-1.0 <= record[k] <= 1.0 for k in SCORE_KEYS)
-    assert result.fid["identity"] is not None and result.fid["identity"] >= 0
+    assert result.generated == 2 and result.scored == 2
+    (pipe,) = loaded
+    assert type(pipe.scheduler) is DDIMScheduler
+    scalings = {m.scaling[LORA_ADAPTER] for m in pipe.unet.modules() if LORA_ADAPTER in getattr(m, "scaling", {})}
+    assert scalings == {0.5 * LORA_ALPHA / LORA_RANK}  # peft: lora_scale · alpha / rank
+
+    ref = DreamMixInpaintPipeline.from_base(StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir))
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.load_lora_weights(str(lora), adapter_name="ref")
+    ref.set_adapters(["ref"], adapter_weights=[0.5])
+    ref.set_progress_bar_config(disable=True)
+    bg = bench.manifest.parent
+    reference_scores = reference_scorer(sorted(bench.refs.iterdir()), cfg.metrics)
+    for b, record in enumerate(result.records):
+        assert record["case_id"] == f"thing-attribute-{b}" and record["eliminate"] == ["blue", "silver"]
+        background = Image.open(bg / "bg" / f"{b}.png").convert("RGB")
+        expected = ref(
+            image=background, mask_image=np.asarray(Image.open(bg / "masks" / f"{b}.png")) > 127, prompt="a red sks thing",
+            eliminate=["blue", "silver"], generator=torch.Generator("cpu").manual_seed(100 + b), **EXPECTED_CALL,
+        ).images[0]  # fmt: skip
+        written = Image.open(run / record["image"])
+        assert written.size == background.size
+        assert np.array_equal(np.asarray(written), np.asarray(expected))
+        scores = reference_scores(written.convert("RGB"), record["box"], record["prompt"])
+        assert {k: record[k] for k in SCORE_KEYS} == pytest.approx(scores, abs=1e-5)
+    # one task only: its FID is the overall one (FID itself: test_metrics.py)
+    assert set(result.fid) == {"attribute", "all"} and np.isfinite(result.fid["all"])
+    assert result.fid["attribute"] == pytest.approx(result.fid["all"])
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["tasks"]["identity"]["mean"]["clip_i"] == pytest.approx(np.mean([r["clip_i"] for r in result.records]))
-    assert "| identity | 3 |" in (run / "summary.md").read_text()
+    assert summary["tasks"]["attribute"]["mean"]["clip_i"] == pytest.approx(np.mean([r["clip_i"] for r in result.records]))
+    assert "| attribute | 2 |" in (run / "summary.md").read_text()
     # W&B offline run with the cases table (2 rows, thumbnails) in the run dir
     tables = list(run.glob("wandb/offline-run-*/files/media/table/eval/cases_*.table.json"))
     assert len(tables) == 1

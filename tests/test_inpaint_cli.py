@@ -1,5 +1,6 @@
 """``src/inpaint.py`` / ``run_inpaint(cfg)``: files written, input handling, one-line errors."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,6 +15,17 @@ from dreammix.data.images import load_image
 from dreammix.errors import DreamMixError
 
 H, W = 64, 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is several times faster (no spin-waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -64,6 +76,14 @@ def _cfg(compose, files, *overrides):
     return compose("inpaint", base + list(overrides))
 
 
+def _far_from_mask():
+    """Pixels farther than 2 × feather_radius (with ``dif.feather_radius=2``) from the mask box: the
+    final composite keeps them bit-identical to the (8-bit RGB) input."""
+    far = np.ones((H, W), bool)
+    far[20 - 4 : 44 + 4, 30 - 4 : 60 + 4] = False
+    return far
+
+
 def test_config_defaults(compose, files):
     cfg = _cfg(compose, files)
     assert cfg.dif.lambda_ == 0.7 and list(cfg.tas.stages) == ["local", "global"] and cfg.tas.enabled
@@ -80,8 +100,7 @@ def test_writes_an_input_sized_png_and_a_grid(compose, files, cached_pipeline):
     final = np.asarray(Image.open(out))
     assert final.shape == (H, W, 3) and Image.open(grid).size == (4 * W, H)
     x = np.asarray(load_image(files / "room.jpg"))
-    far = np.ones((H, W), bool)
-    far[20 - 4 : 44 + 4, 30 - 4 : 60 + 4] = False
+    far = _far_from_mask()
     assert np.array_equal(final[far], x[far])
     assert not np.array_equal(final[20:44, 30:60], x[20:44, 30:60])
     assert not list((files / "run").glob(".*tmp"))  # atomic writes leave no temp files
@@ -96,20 +115,36 @@ def test_num_images_writes_numbered_files(compose, files, cached_pipeline):
     assert a.shape == b.shape == (H, W, 3) and not np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK"])
 def test_image_files_of_any_mode_are_converted(compose, files, cached_pipeline, mode):
     from dreammix.inpaint import run_inpaint
 
     rgb = Image.open(files / "room.jpg").convert("RGB")
-    if mode == "I;16":
-        image = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)  # full 16-bit range
-        assert image.mode.startswith("I;16")
-    else:
-        image = rgb.convert(mode)
     path = files / ("im.jpg" if mode == "CMYK" else "im.png")
-    image.save(path)
-    (out,) = run_inpaint(_cfg(compose, files, f"image={path}"))
+    rgb.convert(mode).save(path)  # RGBA: opaque, so no compositing on white
+    (out,) = run_inpaint(_cfg(compose, files, f"image={path}", "dif.feather_radius=2"))
     assert Image.open(out).size == (W, H) and Image.open(out).mode == "RGB"
+    far = _far_from_mask()  # there the result is the input as PIL converts it to RGB
+    assert np.array_equal(np.asarray(Image.open(out))[far], np.asarray(Image.open(path).convert("RGB"))[far])
+
+
+def test_16_bit_image_keeps_its_values(compose, files, cached_pipeline):
+    """A 16-bit grayscale input is rescaled from its 0…65535 range to 8 bits (x · 255/65535, rounded),
+    not clipped or shifted: outside the mask the written result is exactly that conversion."""
+    from dreammix.inpaint import run_inpaint
+
+    rng = np.random.default_rng(16)
+    x16 = rng.integers(0, 65536, (H, W), dtype=np.uint16)  # full range, mostly not multiples of 257
+    image = Image.fromarray(x16)
+    assert image.mode.startswith("I;16")
+    image.save(files / "im16.png")
+    (out,) = run_inpaint(_cfg(compose, files, f"image={files / 'im16.png'}", "dif.feather_radius=2"))
+    final = np.asarray(Image.open(out))
+    assert final.shape == (H, W, 3)
+    expected = np.floor(x16.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)  # x/257 never ends in .5
+    far = _far_from_mask()
+    for channel in range(3):
+        assert np.array_equal(final[..., channel][far], expected[far])
 
 
 def test_rgb_jpeg_and_wrong_size_masks(compose, files, cached_pipeline):
@@ -184,6 +219,10 @@ def test_tas_words_need_sks_and_come_from_the_dictionary(compose, files, monkeyp
         words("subject=can", prompt="a red can")
 
 
+#: The test LoRA's shape: alpha ≠ rank, so its effective scale alpha/rank · lora_scale is not lora_scale.
+LORA_RANK, LORA_ALPHA = 4, 2.0
+
+
 def _random_lora(tiny_model_dir, directory):
     """A LoRA with non-zero B matrices (a trained one in miniature) saved like train.py does."""
     import torch
@@ -191,30 +230,87 @@ def _random_lora(tiny_model_dir, directory):
 
     from dreammix.models.lora import LoraSpec, add_lora, save_lora
 
+    spec = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
     if not (directory / "pytorch_lora_weights.safetensors").is_file():
         unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-        add_lora(unet, LoraSpec())
+        add_lora(unet, spec)
         with torch.no_grad():
             for name, param in unet.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-        save_lora(unet, directory, LoraSpec())
+        save_lora(unet, directory, spec)
     return directory
 
 
-def test_lora_run_differs_from_the_base_model(compose, files, tiny_model_dir, cached_pipeline):
+def test_lora_run_differs_from_the_base_model_and_lora_scale_0_is_the_base(compose, files, tiny_model_dir, cached_pipeline):
+    """The subject LoRA changes the result; ``lora_scale`` scales its update (W + scale·α/r·BA), so at
+    0 the result is exactly the base model's."""
     import dreammix.inpaint as inpaint
 
-    _random_lora(tiny_model_dir, files / "train_run" / "lora")
+    lora_dir = _random_lora(tiny_model_dir, files / "train_run" / "lora")
     (base,) = inpaint.run_inpaint(_cfg(compose, files, "out=" + str(files / "base.png")))
-    # a fresh pipeline for the LoRA run: the shared one must stay adapter-free
+    # fresh pipelines for the LoRA runs: the shared one must stay adapter-free
     inpaint.load_pipeline = cached_pipeline["original"]
-    (lora,) = inpaint.run_inpaint(_cfg(compose, files, f"lora={files / 'train_run' / 'lora'}", "out=" + str(files / "lora.png")))
-    assert not np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(lora)))
+    (lora,) = inpaint.run_inpaint(_cfg(compose, files, f"lora={lora_dir}", "out=" + str(files / "lora.png")))
+    (off,) = inpaint.run_inpaint(_cfg(compose, files, f"lora={lora_dir}", "lora_scale=0", "out=" + str(files / "off.png")))
+    base, lora, off = (np.asarray(Image.open(p)) for p in (base, lora, off))
+    assert not np.array_equal(base, lora)
+    assert np.array_equal(off, base)
+
+
+def _lora_scalings(unet, adapter):
+    """``{layer: scaling}`` of every peft LoRA layer of ``adapter`` in ``unet``."""
+    return {name: m.scaling[adapter] for name, m in unet.named_modules() if adapter in getattr(m, "scaling", {})}
+
+
+def test_every_config_key_reaches_the_pipeline(compose, files, tiny_model_dir, cached_pipeline, monkeypatch):
+    """Each dif.* / tas.* / sampling key of ``inpaint.yaml``, set to a non-default value, is what
+    ``DreamMixInpaintPipeline.__call__`` receives (the scheduler and the LoRA's weight: what the
+    pipeline holds at the call); ``tas.enabled=false`` turns TAS off even with words given."""
+    import dreammix.inpaint as inpaint
+    from diffusers import DDIMScheduler
+
+    from dreammix.pipeline import LORA_ADAPTER, DreamMixInpaintPipeline
+
+    calls = []
+    real_call = DreamMixInpaintPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        bound = inspect.signature(real_call).bind(self, *args, **kwargs)
+        bound.apply_defaults()  # an argument left out counts as its default
+        got = dict(bound.arguments)
+        calls.append({**got, "seed": got["generator"].initial_seed(), "scheduler": self.scheduler,
+                      "scalings": _lora_scalings(self.unet, LORA_ADAPTER)})  # fmt: skip
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DreamMixInpaintPipeline, "__call__", spy)
+    lora_dir = _random_lora(tiny_model_dir, files / "train_run" / "lora")
+
+    # TAS off: no words reach the pipeline although tas.eliminate names some (shared base pipeline)
+    inpaint.run_inpaint(_cfg(compose, files, "tas.enabled=false", "tas.eliminate=[blue]", f"out={files / 'notas.png'}"))
+    assert not calls[-1]["eliminate"]
+
+    monkeypatch.setattr(inpaint, "load_pipeline", cached_pipeline["original"])  # the LoRA goes into a fresh one
+    inpaint.run_inpaint(_cfg(
+        compose, files, f"lora={lora_dir}", "lora_scale=0.5", "dif.lambda_=0.4", "dif.crop_scale=1.6",
+        "dif.min_crop_frac=0.8", "dif.blend=false", "dif.feather_radius=3", "tas.eliminate=[blue, silver]",
+        "tas.stages=[local]", "guidance_scale=2.5", "negative_prompt=blurry photo", "steps=3", "seed=7",
+        "scheduler=ddim", f"out={files / 'keys.png'}",
+    ))  # fmt: skip
+    got = calls[-1]
+    assert got["prompt"] == "a photo of sks red can" and got["negative_prompt"] == "blurry photo"
+    assert (got["lambda_"], got["crop_scale"], got["min_crop_frac"]) == (0.4, 1.6, 0.8)
+    assert got["blend"] is False and got["feather_radius"] == 3
+    assert list(got["eliminate"]) == ["blue", "silver"] and list(got["tas_stages"]) == ["local"]
+    assert (got["guidance_scale"], got["num_inference_steps"], got["seed"]) == (2.5, 3, 7)
+    assert type(got["scheduler"]) is DDIMScheduler
+    # the LoRA's update weight in every adapted layer: lora_scale · alpha / rank (peft's scaling)
+    assert got["scalings"] and set(got["scalings"].values()) == {0.5 * LORA_ALPHA / LORA_RANK}
 
 
 def _cli(args, cwd, **env):
-    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", **env)
+    # one intra-op thread: tiny models on a shared CPU run several times faster (no spin-waits)
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "src" / "inpaint.py"), *args],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
