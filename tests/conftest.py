@@ -57,3 +57,39 @@ def compose():
             return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is several times faster (no spin-waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+#: The test LoRA: alpha ≠ rank, so a lost alpha or scale shows in the layers' scaling.
+LORA_RANK, LORA_ALPHA = 4, 2.0
+
+
+def make_real_lora(tiny_model_dir: Path, directory: Path) -> Path:
+    """A real LoRA for the tiny UNet (random non-zero B, alpha ≠ rank), saved as train.py saves
+    one; kept when ``directory`` already holds it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from dreammix.models.lora import LoraSpec, add_lora, save_lora
+
+    if (directory / "pytorch_lora_weights.safetensors").is_file():
+        return directory
+    spec = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    add_lora(unet, spec)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_lora(unet, directory, spec)
+    return directory

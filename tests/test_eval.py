@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import LORA_ALPHA, LORA_RANK, make_real_lora
 from dreammix.benchmark.manifest import Case, write_manifest
 from dreammix.errors import DreamMixError
 from dreammix.evaluate import (
@@ -32,13 +33,7 @@ from dreammix.evaluate import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is several times faster (no spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,24 +296,6 @@ def test_real_images_row_excludes_self_pairs():
     assert got["clip_t"] == pytest.approx(0.25) and got["n"] == 3
 
 
-LORA_RANK, LORA_ALPHA = 4, 2.0
-
-
-def make_real_lora(tiny_model_dir, directory: Path) -> Path:
-    """A real LoRA for the tiny UNet (random non-zero B, alpha ≠ rank), saved like train.py does."""
-    from diffusers import UNet2DConditionModel
-
-    from dreammix.models.lora import LoraSpec, add_lora, save_lora
-
-    spec = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    add_lora(unet, spec)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    save_lora(unet, directory, spec)
-    return directory
 
 
 def reference_scorer(references, metrics_cfg):

@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import LORA_ALPHA, LORA_RANK, REPO_ROOT, make_real_lora
 from dreammix.data.images import load_image
 from dreammix.errors import DreamMixError
 
 H, W = 64, 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is several times faster (no spin-waits)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -219,27 +211,6 @@ def test_tas_words_need_sks_and_come_from_the_dictionary(compose, files, monkeyp
         words("subject=can", prompt="a red can")
 
 
-#: The test LoRA's shape: alpha ≠ rank, so its effective scale alpha/rank · lora_scale is not lora_scale.
-LORA_RANK, LORA_ALPHA = 4, 2.0
-
-
-def _random_lora(tiny_model_dir, directory):
-    """A LoRA with non-zero B matrices (a trained one in miniature) saved like train.py does."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from dreammix.models.lora import LoraSpec, add_lora, save_lora
-
-    spec = LoraSpec(rank=LORA_RANK, alpha=LORA_ALPHA)
-    if not (directory / "pytorch_lora_weights.safetensors").is_file():
-        unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-        add_lora(unet, spec)
-        with torch.no_grad():
-            for name, param in unet.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-        save_lora(unet, directory, spec)
-    return directory
 
 
 def test_lora_run_differs_from_the_base_model_and_lora_scale_0_is_the_base(compose, files, tiny_model_dir, cached_pipeline):
@@ -247,7 +218,7 @@ def test_lora_run_differs_from_the_base_model_and_lora_scale_0_is_the_base(compo
     0 the result is exactly the base model's."""
     import dreammix.inpaint as inpaint
 
-    lora_dir = _random_lora(tiny_model_dir, files / "train_run" / "lora")
+    lora_dir = make_real_lora(tiny_model_dir, files / "train_run" / "lora")
     (base,) = inpaint.run_inpaint(_cfg(compose, files, "out=" + str(files / "base.png")))
     # fresh pipelines for the LoRA runs: the shared one must stay adapter-free
     inpaint.load_pipeline = cached_pipeline["original"]
@@ -284,7 +255,7 @@ def test_every_config_key_reaches_the_pipeline(compose, files, tiny_model_dir, c
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(DreamMixInpaintPipeline, "__call__", spy)
-    lora_dir = _random_lora(tiny_model_dir, files / "train_run" / "lora")
+    lora_dir = make_real_lora(tiny_model_dir, files / "train_run" / "lora")
 
     # TAS off: no words reach the pipeline although tas.eliminate names some (shared base pipeline)
     inpaint.run_inpaint(_cfg(compose, files, "tas.enabled=false", "tas.eliminate=[blue]", f"out={files / 'notas.png'}"))
@@ -332,7 +303,7 @@ def test_cli_end_to_end(files, tiny_model_dir):
     result = _cli(
         [f"image={files / 'room.jpg'}", f"mask={files / 'room_mask.png'}", "prompt=a sks red can",
          "model=tiny", "steps=2", "save_grid=true", "num_images=2", f"out={files / 'cli' / 'x.png'}",
-         f"lora={_random_lora(tiny_model_dir, files / 'train_run' / 'lora')}"],
+         f"lora={make_real_lora(tiny_model_dir, files / 'train_run' / 'lora')}"],
         cwd=files, DREAMMIX_CACHE=str(tiny_model_dir.parent),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
