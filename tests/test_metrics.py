@@ -17,9 +17,10 @@ from PIL import Image
 
 from dreammix.errors import DreamMixError
 from dreammix.metrics.clip import ClipScorer, projected_embeds, strip_identifier
-from dreammix.metrics.common import FeatureCache, crop_region, mean_cosine, square_box
-from dreammix.metrics.dino import IMAGENET_MEAN, IMAGENET_STD, DinoScorer
+from dreammix.metrics.common import FeatureCache, crop_region, mask_box, mean_cosine, square_box
+from dreammix.metrics.dino import IMAGENET_MEAN, IMAGENET_STD, DinoScorer, dino_transform
 from dreammix.metrics.fid import (
+    ColorStatsExtractor,
     InceptionExtractor,
     compute_fid,
     feature_statistics,
@@ -66,6 +67,27 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+# OpenAI CLIP's normalisation constants (the CLIP paper's repository), written out here on purpose.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def normalized_tensor(arr: np.ndarray, mean, std) -> torch.Tensor:
+    arr = (arr.astype(np.float32) / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def hand_dino_pixels(im: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """DreamBooth's DINO input by hand: shorter side to ``resize`` (longer one scaled, truncated),
+    PIL bicubic; centre crop ``crop``; ImageNet mean/std (written out, not imported)."""
+    w, h = im.size
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    im = im.resize(size, Image.BICUBIC)
+    left, top = int(round((im.width - crop) / 2.0)), int(round((im.height - crop) / 2.0))
+    arr = np.asarray(im.crop((left, top, left + crop, top + crop)))
+    return normalized_tensor(arr, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
@@ -87,6 +109,20 @@ def test_square_box_hand_cases():
     assert crop_region(image, (40, 40, 60, 50)).size == (20, 20)
     with pytest.raises(DreamMixError):
         square_box((5, 5, 5, 9), 10, 10)
+
+
+def test_mask_box_is_the_tight_box_of_nonzero_pixels():
+    """The crop scores' box is the mask's bounding box, end-exclusive (x0, y0, x1, y1)."""
+    mask = np.zeros((10, 12), dtype=np.uint8)
+    mask[3:7, 2:9] = 255
+    mask[8, 5] = 1
+    assert mask_box(mask) == (2, 3, 9, 9)
+    assert mask_box(np.eye(4, dtype=bool)[None][0]) == (0, 0, 4, 4)
+    one = np.zeros((5, 5))
+    one[2, 4] = 0.5
+    assert mask_box(one) == (4, 2, 5, 3)  # a single pixel is a 1x1 box
+    with pytest.raises(DreamMixError, match="empty"):
+        mask_box(np.zeros((4, 4)))
 
 
 def test_mean_cosine_hand():
@@ -111,6 +147,130 @@ def test_projected_embeds_accepts_tensor_and_model_outputs():
 # ------------------------------------------------------------------------------------------------
 # CLIP
 # ------------------------------------------------------------------------------------------------
+
+
+def test_clip_embeddings_match_independent_preprocessing_and_tokens(clip, tiny_dirs):
+    """CLIP-I/CLIP-T inputs built without the checkpoint's processor/tokenizer: the image is the
+    shortest side to 32 (PIL bicubic), centre crop 32, OpenAI CLIP mean/std; the text is
+    [bos] + one BPE token per known word + [eos] (truncated to CLIP's 77 positions), and the text
+    embedding is the projection of the hidden state at the *eos* token."""
+    from transformers import CLIPModel
+
+    from dreammix.models.tiny import tokenizer_vocab_and_merges
+
+    model = CLIPModel.from_pretrained(str(tiny_dirs[0])).eval()
+    # 48x40 → 38x32 (int(48*32/40)), crop 3 px off the left/right: no rounding ambiguity.
+    image = random_image(11, (48, 40))
+    arr = np.asarray(image.resize((38, 32), Image.BICUBIC))[:, 3:35]
+    pixels = normalized_tensor(arr, CLIP_MEAN, CLIP_STD)[None]
+    vocab = tokenizer_vocab_and_merges()[0]
+
+    def text_ids(words):
+        return torch.tensor([[0] + [vocab[w + "</w>"] for w in words][:75] + [1]])
+
+    with torch.no_grad():
+        image_vec = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)[0]
+        text_vecs = []
+        for words in (["a", "red", "can"], ["a", "photo", "of", "red", "teapot"] * 20):
+            ids = text_ids(words)
+            hidden = model.text_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            text_vecs.append(model.text_projection(hidden[0, -1]))  # the eos token (last position)
+    # The processor's bicubic rounds a few pixels one 8-bit level away from PIL's: allow that only.
+    processed = clip.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert (processed - pixels).abs().max().item() <= 1.01 / 255 / CLIP_STD.min()
+    assert ((processed - pixels).abs() > 1e-4).float().mean().item() < 0.01
+    got_image = clip.encode_images([image])[0]
+    assert got_image.numpy() == pytest.approx((image_vec / image_vec.norm()).numpy(), abs=5e-4)
+    long_prompt = " ".join(["a", "photo", "of", "sks", "red", "teapot"] * 20)  # 120 words: truncated
+    got_texts = clip.encode_texts(["a red can", long_prompt.replace(" sks", "")])
+    for got, vec in zip(got_texts, text_vecs):
+        assert got.numpy() == pytest.approx((vec / vec.norm()).numpy(), abs=1e-5)
+    expected_t = [cosine(image_vec.numpy(), t.numpy()) for t in text_vecs]
+    got_t = clip.clip_t([image, image], ["a sks red can", long_prompt])
+    assert got_t.numpy() == pytest.approx(expected_t, abs=5e-4)
+
+
+def test_clip_and_dino_scorers_use_their_arguments(tiny_dirs, tmp_path, monkeypatch):
+    """Device, batch size, preprocessing and cache folder are the ones asked for: an explicit cpu is
+    kept even where CUDA is available, models are frozen in eval mode, DINO has no pooler (like
+    the checkpoints), and each scorer caches under its own ``clip-``/``dino-`` folder whose key
+    changes with the DINO preprocessing (a changed resize never reads stale features)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    clip_s = ClipScorer.from_pretrained(str(tiny_dirs[0]), device="cpu", batch_size=3, cache_dir=tmp_path)
+    dino_s = DinoScorer.from_pretrained(
+        str(tiny_dirs[1]), resize=40, crop=30, device="cpu", batch_size=5, cache_dir=tmp_path
+    )
+    for scorer, batch_size, name in ((clip_s, 3, tiny_dirs[0]), (dino_s, 5, tiny_dirs[1])):
+        assert scorer.device == torch.device("cpu") and scorer.batch_size == batch_size
+        assert scorer.name == str(name)
+        assert not scorer.model.training
+        assert all(p.device.type == "cpu" and not p.requires_grad for p in scorer.model.parameters())
+    assert dino_s.model.pooler is None
+    assert clip_s.cache.directory.parent == tmp_path and clip_s.cache.directory.name.startswith("clip-")
+    assert dino_s.cache.directory.parent == tmp_path and dino_s.cache.directory.name.startswith("dino-")
+    image = random_image(12, (64, 48))
+    assert torch.allclose(dino_s.transform(image), hand_dino_pixels(image, 40, 30), atol=1e-6)
+    other = DinoScorer.from_pretrained(str(tiny_dirs[1]), resize=36, crop=30, device="cpu", cache_dir=tmp_path)
+    assert other.cache.model_key != dino_s.cache.model_key
+
+
+def test_scorer_defaults_are_the_dreambooth_protocol(tiny_dirs, monkeypatch):
+    """Without arguments: device ``auto`` (cpu here), batches of 32, no disk cache, and DINO's
+    DreamBooth preprocessing Resize(256, bicubic) → CenterCrop(224) → ImageNet mean/std."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = random_image(13, (64, 48))
+    expected = hand_dino_pixels(image, 256, 224)
+    assert torch.allclose(dino_transform()(image), expected, atol=1e-6)
+    clip_s = ClipScorer.from_pretrained(str(tiny_dirs[0]))
+    dino_s = DinoScorer.from_pretrained(str(tiny_dirs[1]))
+    direct = [ClipScorer(clip_s.model, clip_s.image_processor, clip_s.tokenizer), DinoScorer(dino_s.model)]
+    for scorer in [clip_s, dino_s, *direct]:
+        assert scorer.device == torch.device("cpu") and scorer.batch_size == 32
+        assert scorer.cache.directory is None
+    for scorer in (dino_s, direct[1]):
+        assert torch.allclose(scorer.transform(image), expected, atol=1e-6)
+
+
+def test_model_load_errors_name_the_missing_part(tiny_dirs, tmp_path):
+    """A wrong model folder fails with one line naming what could not be loaded."""
+    import shutil
+
+    with pytest.raises(DreamMixError, match="cannot load CLIP model"):
+        ClipScorer.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
+    with pytest.raises(DreamMixError, match="cannot load DINO ViT model"):
+        DinoScorer.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
+    partial = tmp_path / "clip-without-processor"
+    shutil.copytree(tiny_dirs[0], partial)
+    (partial / "preprocessor_config.json").unlink()
+    with pytest.raises(DreamMixError, match="cannot load CLIP image processor"):
+        ClipScorer.from_pretrained(str(partial), device="cpu")
+    # transformers 5 builds a specials-only tokenizer from a folder without tokenizer files: refused
+    no_tokenizer = tmp_path / "clip-without-tokenizer"
+    shutil.copytree(tiny_dirs[0], no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    with pytest.raises(DreamMixError, match="no CLIP tokenizer files"):
+        ClipScorer.from_pretrained(str(no_tokenizer), device="cpu")
+
+
+def test_tiny_models_are_deterministic_reusable_and_poolerless(tiny_dirs, tmp_path):
+    """``ensure_tiny_*`` default to seed 0 (the same weights on every machine), keep a complete
+    folder instead of rebuilding it, and save the ViT without a pooler (like facebook/dino-vits16)."""
+    from safetensors import safe_open
+
+    for ensure, built in ((ensure_tiny_clip, tiny_dirs[0]), (ensure_tiny_dino, tiny_dirs[1])):
+        mtime = (built / "model.safetensors").stat().st_mtime_ns
+        assert ensure(built) == built and (built / "model.safetensors").stat().st_mtime_ns == mtime
+        again = ensure(tmp_path / f"{ensure.__name__}-seed0", seed=0)
+        other = ensure(tmp_path / f"{ensure.__name__}-seed1", seed=1)
+        with safe_open(built / "model.safetensors", "pt") as a, safe_open(again / "model.safetensors", "pt") as b, \
+                safe_open(other / "model.safetensors", "pt") as c:
+            keys = sorted(a.keys())
+            assert keys == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
+            assert not all(torch.equal(a.get_tensor(k), c.get_tensor(k)) for k in keys)
+            if ensure is ensure_tiny_dino:
+                assert not [k for k in keys if "pooler" in k]
 
 
 def test_clip_identical_images_score_one(clip, reference_files):
@@ -280,6 +440,39 @@ def test_metric_suite_from_tiny_config(tmp_path, compose, reference_files):
         ClipScorer.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
 
 
+def test_metric_suite_from_config_passes_every_setting(tmp_path, compose, monkeypatch):
+    """``metrics.*`` reaches the scorers (explicit cpu kept even where CUDA is available, batch size,
+    DINO resize/crop, cache folder, identifier, crop scale); absent/null keys mean the documented
+    defaults (crop_scale 1, memory-only cache); and without ``build_tiny`` a missing model folder is
+    an error — random tiny models never silently stand in for real ones."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    base = ["+metrics=tiny", f"paths.cache_dir={tmp_path}", "metrics.device=cpu"]
+    cfg = compose(
+        "build_benchmark",
+        base + ["metrics.batch_size=3", "metrics.identifier=zqx", "metrics.crop_scale=1.5", "metrics.dino.resize=40",
+                "metrics.dino.crop=30"],
+    )
+    suite = MetricSuite.from_config(cfg.metrics)
+    assert suite.identifier == "zqx" and suite.crop_scale == 1.5
+    for scorer in (suite.clip, suite.dino):
+        assert scorer.device == torch.device("cpu") and scorer.batch_size == 3
+        assert scorer.cache.directory.parent == tmp_path / "metrics"
+    image = random_image(14, (64, 48))
+    assert torch.allclose(suite.dino.transform(image), hand_dino_pixels(image, 40, 30), atol=1e-6)
+    plain = MetricSuite.from_config(
+        compose("build_benchmark", base + ["metrics.cache_dir=null", "~metrics.crop_scale"]).metrics
+    )
+    assert plain.crop_scale == 1.0 and plain.identifier == "sks"
+    assert plain.clip.cache.directory is None and plain.dino.cache.directory is None
+    assert not (tmp_path / "None").exists()
+    real = compose("build_benchmark", ["+metrics=default", "~metrics.build_tiny", "metrics.device=cpu",
+                                       f"metrics.clip.model={tmp_path}/absent", f"paths.cache_dir={tmp_path}"])
+    with pytest.raises(DreamMixError, match="cannot load CLIP model"):
+        MetricSuite.from_config(real.metrics)
+    assert not (tmp_path / "absent").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # FID
 # ------------------------------------------------------------------------------------------------
@@ -377,6 +570,59 @@ def test_fid_of_folders_with_a_tiny_extractor(tmp_path, compose):
         fid_from_config(cfg.metrics, gen)
 
 
+def test_color_stats_extractor_is_channel_mean_and_std():
+    """The smoke-run FID feature: per-channel mean and (unbiased) std of the image in [0, 1]."""
+    images = np.random.RandomState(3).randint(0, 256, (2, 3, 5, 7)).astype(np.uint8)
+    x = images / 255.0
+    expected = np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3), ddof=1)], axis=1)
+    got = ColorStatsExtractor()(torch.from_numpy(images))
+    assert ColorStatsExtractor.name == "color-stats"
+    assert got.shape == (2, 6) and got.numpy() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fid_from_config_passes_every_fid_setting(tmp_path, compose, monkeypatch):
+    """``metrics.fid.*`` reaches the computation: image size, batch size, the seeded reference
+    sample (limit + seed), the statistics cache folder, worker count (absent → 0) and the explicit
+    device (cpu kept where CUDA is available). The value equals compute_fid with the same explicit
+    arguments, and differs from other seeds/limits, so each setting is observable."""
+    gen = write_images(tmp_path / "gen", range(5), [(64, 48), (40, 40), (30, 70), (64, 64), (50, 20)])
+    ref = write_images(tmp_path / "ref", range(10, 18), [(64, 48), (48, 48)] * 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    workers = []
+    real_loader = torch.utils.data.DataLoader
+
+    def spy_loader(*args, **kwargs):
+        workers.append(kwargs.get("num_workers"))
+        return real_loader(*args, **{**kwargs, "num_workers": 0})  # record, but decode in-process
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy_loader)
+    base = ["+metrics=default", f"metrics.fid.reference_dir={ref}", "metrics.fid.image_size=24", "metrics.device=cpu",
+            f"paths.data_dir={tmp_path}/data"]
+    cfg = compose("build_benchmark", base + ["metrics.fid.batch_size=4", "metrics.fid.reference_limit=3",
+                                             "metrics.fid.seed=1", f"metrics.fid.cache_dir={tmp_path}/fid-cache",
+                                             "metrics.fid.num_workers=2"])
+    extractor = ColorStats()
+    got = fid_from_config(cfg.metrics, gen, extractor=extractor)
+    assert extractor.calls == 2 + 1  # 5 generated in batches of 4, then 3 reference images
+    assert workers == [2, 2]
+    assert len(list((tmp_path / "fid-cache").glob("ref-*.npz"))) == 1
+
+    def explicit(**kwargs):
+        return compute_fid(gen, ref, ColorStats(), image_size=24, device="cpu", **kwargs)
+
+    assert got == pytest.approx(explicit(reference_limit=3, seed=1), rel=1e-9)
+    assert got != pytest.approx(explicit(reference_limit=3, seed=0), rel=1e-3)
+    assert got != pytest.approx(explicit(), rel=1e-3)
+    assert got != pytest.approx(compute_fid(gen, ref, ColorStats(), image_size=32, device="cpu", reference_limit=3,
+                                            seed=1), rel=1e-3)
+    workers.clear()
+    cfg = compose("build_benchmark", base + ["metrics.fid.cache_dir=null", "~metrics.fid.num_workers"])
+    assert fid_from_config(cfg.metrics, gen, extractor=ColorStats()) == pytest.approx(explicit(), rel=1e-9)
+    assert workers[0] == 0
+    assert not (tmp_path / "None").exists()
+
+
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     """A random InceptionV3 state dict in torch-fidelity's layout, saved like the real file."""
@@ -424,3 +670,24 @@ def test_inception_weights_are_checked(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     with pytest.raises(DreamMixError, match="do not fit"):
         InceptionExtractor(wrong, device="cpu")
+
+
+def test_inception_extractor_from_config(random_inception_weights, compose, tmp_path, monkeypatch):
+    """``metrics.fid.inception_weights`` / ``feature_layer`` / ``device`` build the extractor: the
+    configured layer (absent → the standard 2048-d pool features), the local file, an explicit cpu
+    even where CUDA is available; ``inception_weights: null`` leaves the download to torch-fidelity
+    (stubbed here with the same state dict)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = ["+metrics=default", "metrics.device=cpu", f"paths.data_dir={tmp_path}"]
+    weights = f"metrics.fid.inception_weights={random_inception_weights}"
+    for overrides, layer in (([weights, "metrics.fid.feature_layer='64'"], "64"), ([weights, "~metrics.fid.feature_layer"], "2048")):
+        extractor = InceptionExtractor.from_config(compose("build_benchmark", base + overrides).metrics)
+        assert extractor.name == f"inception-v3-compat-{layer}" and list(extractor.model.features_list) == [layer]
+        assert extractor.device == torch.device("cpu")
+        assert all(p.device.type == "cpu" for p in extractor.model.parameters())
+    state = torch.load(random_inception_weights, weights_only=True)
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: state)
+    cfg = compose("build_benchmark", base + ["metrics.fid.inception_weights=null", "metrics.fid.feature_layer='192'"])
+    assert InceptionExtractor.from_config(cfg.metrics).name == "inception-v3-compat-192"

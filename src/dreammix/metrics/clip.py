@@ -99,6 +99,11 @@ class ClipScorer:
         model = load_pretrained(CLIPModel, name_or_path, "CLIP model")
         image_processor = load_pretrained(CLIPImageProcessor, name_or_path, "CLIP image processor")
         tokenizer = load_pretrained(CLIPTokenizer, name_or_path, "CLIP tokenizer")
+        if len(tokenizer) <= 2:
+            # transformers 5 builds an empty (specials-only) tokenizer from a folder without
+            # tokenizer files instead of failing: every CLIP-T prompt would be unknown tokens
+            raise DreamMixError(f"no CLIP tokenizer files (vocabulary of {len(tokenizer)} tokens) in {name_or_path}",
+                                "metrics.clip")
         return cls(
             model, image_processor, tokenizer, name=str(name_or_path), device=device, batch_size=batch_size, cache_dir=cache_dir
         )
