@@ -63,7 +63,8 @@ def report(rows: list[tuple[str, str]]) -> tuple[str, bool]:
         by_module[module][status] += 1
         if status not in KILLED and status not in NOT_RUN:
             survivors[module].append(f"{name} ({status})")
-    lines = ["| module | mutants | killed | survived / no tests | score | target |", "|---|---:|---:|---:|---:|---|"]
+    lines = ["| module | tested | killed | survived / no tests | not yet run | score | target |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     all_met = True
     for module in sorted(by_module):
         counts = by_module[module]
@@ -74,7 +75,11 @@ def report(rows: list[tuple[str, str]]) -> tuple[str, bool]:
         met = target is None or score >= target
         all_met &= met
         verdict = "—" if target is None else f"{target:.0%} {'met' if met else 'NOT met'}"
-        lines.append(f"| {module} | {tested} | {killed} | {tested - killed} | {score:.1%} | {verdict} |")
+        pending = sum(n for s, n in counts.items() if s in NOT_RUN)
+        if pending:
+            all_met = False
+            verdict += " (run incomplete)"
+        lines.append(f"| {module} | {tested} | {killed} | {tested - killed} | {pending} | {score:.1%} | {verdict} |")
     lines.append("")
     for module in sorted(survivors):
         lines.append(f"Survivors in {module} (`mutmut show <name>` for the diff):")

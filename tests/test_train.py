@@ -307,3 +307,29 @@ def test_model_compile_unet_compiles_the_loaded_unet(compose, tmp_path, subject,
     spec = ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64)
     assert load_pipeline(spec).unet._compiled_call_impl is None
     assert load_pipeline(ModelSpec(**{**spec.__dict__, "compile_unet": True})).unet._compiled_call_impl is not None
+
+
+def test_checkpoint_records_the_lora_shape_and_refuses_another(tiny_model_dir):
+    """A LoRA-only checkpoint says which LoRA it holds (rank, alpha, targets); resuming it into a
+    run configured with another LoRA is a one-line error, not a silent partial load
+    (``strict_loading`` is off because the frozen base is not in the checkpoint)."""
+    from diffusers import DDPMScheduler
+
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.models.lora import LoraSpec
+    from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+
+    def module(spec):
+        pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+        return DreamMixLoRAModule(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), spec, LossSpec(), OptimSpec())
+
+    saved = module(LoraSpec(rank=2, alpha=8))
+    checkpoint = {"state_dict": saved.state_dict()}
+    saved.on_save_checkpoint(checkpoint)
+    assert checkpoint["dreammix_lora"] == {"rank": 2, "alpha": 8, "target_modules": ["to_k", "to_v"]}
+    assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
+    module(LoraSpec(rank=2, alpha=8)).on_load_checkpoint(checkpoint)  # the same LoRA: accepted
+    for other in (LoraSpec(rank=4, alpha=8), LoraSpec(rank=2, alpha=2), LoraSpec(rank=2, alpha=8, target_modules=("to_k",))):
+        with pytest.raises(DreamMixError, match="does not match the configured LoRA") as err:
+            module(other).on_load_checkpoint(checkpoint)
+        assert "\n" not in str(err.value)
