@@ -333,3 +333,25 @@ def test_checkpoint_records_the_lora_shape_and_refuses_another(tiny_model_dir):
         with pytest.raises(DreamMixError, match="does not match the configured LoRA") as err:
             module(other).on_load_checkpoint(checkpoint)
         assert "\n" not in str(err.value)
+
+
+def test_saved_lora_is_float32_whatever_the_training_dtype(tiny_model_dir, tmp_path):
+    """Adapters trained in bf16 (or kept there by a user's precision setting) are exported as fp32
+    with the same values: the file loads at full precision in every tool."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from dreammix.models.lora import LoraSpec, add_lora, lora_state_dict, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    add_lora(unet, LoraSpec(rank=2, alpha=4))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+                param.data = param.data.to(torch.bfloat16)
+    trained = lora_state_dict(unet)
+    assert trained and all(v.dtype == torch.bfloat16 for v in trained.values())
+    saved = load_file(save_lora(unet, tmp_path / "lora", LoraSpec(rank=2, alpha=4)))
+    assert len(saved) == len(trained) and all(v.dtype == torch.float32 for v in saved.values())
+    assert sorted(v.float().sum().item() for v in trained.values()) == sorted(v.sum().item() for v in saved.values())
