@@ -23,7 +23,8 @@ test-all: install
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml): hours on 2 CPU cores, not
 # part of CI. MUTANTS='dreammix.losses*' limits a run; a stopped run resumes where it was. Scores per
-# module against the targets, and the survivors, go to outputs/mutants/report.md.
+# module against the targets, and the survivors, go to outputs/mutants/report.md (exit 1 while a
+# target is unmet or the run incomplete).
 MUTANTS ?=
 mutants: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(VENV)/bin/mutmut run $(MUTANTS)
