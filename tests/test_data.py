@@ -179,3 +179,33 @@ def test_datamodule_without_regular_data_warns_or_errors(tmp_path, tiny_pipe):
     strict = DataSpec(source_prompt="p", regular_dir=str(tmp_path / "none"), mask_variants=1, require_regular=True)
     with pytest.raises(DreamMixError, match="python src/adm.py"):
         DreamMixDataModule(subject, strict, FrozenInputEncoder(tiny_pipe), 64, use_regular=True).setup("fit")
+
+
+def test_square_crop_resize_takes_the_centre_square_of_any_aspect_ratio():
+    """Training inputs: the centre square of the photo (offsets (w - s)/2, (h - s)/2 in whole
+    pixels), resized bicubically to the resolution, in [-1, 1] as float32; the mask cropped by the
+    same box, resized nearest and binary; SDXL time ids (size, crop 0 0, size) as float32."""
+    from dreammix.data.frozen import square_crop_resize
+    from dreammix.data.subjects import MaskedImage
+
+    rng = np.random.default_rng(0)
+    for (w, h), box in (((101, 60), (20, 0, 80, 60)), ((40, 75), (0, 17, 40, 57))):
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = np.zeros((h, w), np.float32)
+        mask[box[1] + 3 : box[1] + 20, box[0] + 5 : box[0] + 30] = 1  # inside the centre square
+        mask[:, : box[0]] = 1  # outside it (left margin, if any): must be cut away
+        pixels, out_mask = square_crop_resize(MaskedImage(Image.fromarray(array), mask, None), 32)
+
+        crop = Image.fromarray(array[box[1] : box[3], box[0] : box[2]])
+        expected = np.asarray(crop.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+        assert pixels.dtype == torch.float32 and pixels.shape == (3, 32, 32)
+        torch.testing.assert_close(pixels, torch.from_numpy(expected).permute(2, 0, 1), rtol=0, atol=1e-6)
+
+        side = box[2] - box[0]
+        src = (np.arange(32) * side / 32 + side / 64).astype(int)  # nearest-neighbour sample centres
+        expected_mask = mask[box[1] : box[3], box[0] : box[2]][np.ix_(src, src)]
+        assert out_mask.dtype == torch.float32
+        assert torch.equal(out_mask, torch.from_numpy(expected_mask))
+
+    ids = FrozenInputEncoder.time_ids(64)
+    assert ids.dtype == torch.float32 and ids.tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
