@@ -339,11 +339,11 @@ def build_ui(app: InpaintApp):
                     prompt2 = gr.Textbox(app.default_prompt(first), label="Prompt (region 2)")
                     words2 = gr.Textbox(app.suggest_words(first, app.default_prompt(first)), label="TAS words (region 2)")
                     mask2 = gr.Image(label="…or upload a mask for region 2", type="numpy", sources=["upload"], height=120)
-                lambda_ = gr.Slider(0.0, 1.0, spec.lambda_, step=0.05, label="λ (share of steps as local generation)")
+                lambda_ = gr.Slider(0.0, 1.0, spec.lambda_, step=0.05, label="λ (share of steps as local generation)", elem_id="lambda")
                 tas = gr.Checkbox(True, label="TAS (remove the subject's conflicting attributes)")
                 with gr.Row():
                     seed = gr.Number(spec.seed, precision=0, label="Seed")
-                    steps = gr.Slider(1, 100, spec.steps, step=1, label="Steps")
+                    steps = gr.Slider(1, 100, spec.steps, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
                     guidance = gr.Slider(0.0, 20.0, spec.guidance_scale, step=0.5, label="Guidance")
                     num_images = gr.Slider(1, spec.max_images, 1, step=1, label="Images")
