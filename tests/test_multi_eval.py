@@ -49,6 +49,7 @@ def test_leak_check_compares_own_with_other_means():
     assert summary["overall"]["clip_i_own"] == pytest.approx(0.6) and summary["overall"]["clip_i_other"] == pytest.approx(0.45)
     assert summary["own_beats_other"] == {"clip_i": True, "dino": False}
     assert summary["regions"]["b"]["clip_i_own"] == pytest.approx(0.3)
+    assert summary["own_beats_other_per_region"] == {"a": {"clip_i": True, "dino": False}, "b": {"clip_i": False, "dino": False}}
 
 
 def test_tiny_multi_subject_eval_scores_each_region_against_both_subjects(compose, shared_data, tmp_path, tiny_model_dir):

@@ -196,8 +196,11 @@ def summarize_pairs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_region = {role: means([r for r in records if r["region"] == role]) for role in ROLES}
     overall = means(records)
     leak = {m: overall[f"{m}_own"] > overall[f"{m}_other"] for m in ("clip_i", "dino")}
+    per_region_leak = {role: {m: per_region[role][f"{m}_own"] > per_region[role][f"{m}_other"] for m in ("clip_i", "dino")}
+                       for role in ROLES}  # fmt: skip
     return {"cases": len({r["case_id"] for r in records}), "regions": per_region, "overall": overall,
-            "own_beats_other": leak, "subjects": {role: next(r["subject"] for r in records if r["region"] == role) for role in ROLES}}  # fmt: skip
+            "own_beats_other": leak, "own_beats_other_per_region": per_region_leak,
+            "subjects": {role: next(r["subject"] for r in records if r["region"] == role) for role in ROLES}}  # fmt: skip
 
 
 def summary_markdown(summary: dict[str, Any], title: str) -> str:
@@ -209,7 +212,11 @@ def summary_markdown(summary: dict[str, Any], title: str) -> str:
         lines.append(f"| {role} | {subject} | {m['clip_t']:.3f} | {m['clip_i_own']:.3f} | {m['clip_i_other']:.3f} | "
                      f"{m['dino_own']:.3f} | {m['dino_other']:.3f} |")  # fmt: skip
     ok = summary["own_beats_other"]
-    lines += ["", "Leak check (own > other): " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in ok.items()), ""]
+    lines += ["", "Leak check (own > other): " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in ok.items())]
+    for role, checks in summary.get("own_beats_other_per_region", {}).items():
+        lines.append(f"- region {role} ({summary['subjects'][role]}): "
+                     + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in checks.items()))  # fmt: skip
+    lines.append("")
     return "\n".join(lines)
 
 
