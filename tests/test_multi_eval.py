@@ -76,8 +76,3 @@ def test_tiny_multi_subject_eval_scores_each_region_against_both_subjects(compos
             assert r["clip_i_own"] != r["clip_i_other"]  # scored against two different photo sets
     assert set(summary["own_beats_other"]) == {"clip_i", "dino"}
     assert "Leak check (own > other)" in (run / "summary.md").read_text()
-    # a rerun scores the images on disk again without generating
-    import dreammix.evaluate as ev
-
-    again = ev.evaluate(cfg)
-    assert again["overall"] == pytest.approx(summary["overall"])

@@ -105,7 +105,7 @@ def test_region_without_lora_runs_the_base_model(pipe, loras):
     assert disabled == [True, False, True, False]
 
 
-@pytest.mark.parametrize("lambda_", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("lambda_", [pytest.param(0.0, marks=pytest.mark.slow), 0.5, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_single_region_equals_the_pipeline(tiny_model_dir, loras, lambda_):
     """One region with LoRA A = today's ``pipe(...)`` with LoRA A loaded: same bits, crop, x^G."""
     ref_pipe = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)

@@ -165,7 +165,9 @@ def inpaint_regions(
     callback_on_step_end: Callable | None = None,
 ) -> MultiRegionOutput:
     """Inpaint every region of ``image`` with its own prompt and LoRA (see the module docstring);
-    the arguments mean what they mean in :meth:`DreamMixInpaintPipeline.__call__`."""
+    the arguments mean what they mean in :meth:`DreamMixInpaintPipeline.__call__`. The last region's
+    adapter stays active afterwards: a later plain ``pipe(...)`` call selects its own with
+    ``pipe.set_adapters`` (or ``load_subject_lora``)."""
     if not regions:
         raise DreamMixError("at least one region is needed", "regions")
     regions = [Region.from_mapping(r, i) for i, r in enumerate(regions)]
