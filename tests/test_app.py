@@ -3,6 +3,7 @@
 between concurrent clients, bad requests answered with a message while the server keeps serving."""
 
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -113,17 +114,33 @@ def test_generate_returns_the_photo_size_with_the_background_kept(server, runs, 
 
 
 def test_two_concurrent_clients_get_their_own_results(server, runs, photos):
-    """Two browsers at once (different photo, prompt, seed): each result is exactly what its own
-    request gives alone: the queue serialises them and nothing of one leaks into the other."""
+    """Two browsers at once (different photo, prompt, seed): the queue runs them one after the
+    other, and each result is exactly what its own request gives alone (nothing of one leaks into
+    the other)."""
     from gradio_client import Client
 
     app, url = server
     (p0, p1), (dog_layer, _) = photos
     requests = [_args(p0, [dog_layer], runs, seed=1), _args(p1, [dog_layer], runs, prompt="a sks dog on grass", seed=2)]
     clients = [Client(url, verbose=False) for _ in requests]
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [c.submit(*r, api_name="/generate") for c, r in zip(clients, requests)]
-        results = [_final(j.result(timeout=120))[1] for j in jobs]
+    spans, generate = [], app.generate
+
+    def timed(*args, **kwargs):  # the page calls app.generate: record when each request ran
+        start = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            spans.append((start, time.perf_counter()))
+
+    app.generate = timed
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [c.submit(*r, api_name="/generate") for c, r in zip(clients, requests)]
+            results = [_final(j.result(timeout=120))[1] for j in jobs]
+    finally:
+        del app.generate
+    (s0, e0), (s1, e1) = sorted(spans)
+    assert e0 <= s1  # the queue ran them one after the other (concurrency 1), never together
     for (photo, prompt, seed), got in zip(((p0, "a photo of sks dog", 1), (p1, "a sks dog on grass", 2)), results):
         from dreammix.app import RegionRequest
 
@@ -181,3 +198,16 @@ def test_subject_info_and_tas_prefill_come_from_the_lora_run(server, runs):
         m = _mask(DOG) * 255
         app.generate(np.zeros((H, W, 3), np.uint8), [RegionRequest(mask_upload=m, prompt="a"), RegionRequest(mask_upload=m, prompt="b")],
                      lambda_=0.5, tas=False, seed=0, steps=1, guidance_scale=5.0, num_images=1)  # fmt: skip
+
+
+def test_app_config_is_checked_before_any_model_loads(compose, tmp_path):
+    from dreammix.app import AppSpec
+
+    cfg = compose("app", [f"run_dir={tmp_path}"])
+    spec = AppSpec.from_config(cfg)
+    assert spec.host == "127.0.0.1" and spec.port == 7860 and spec.lora_roots == (tmp_path.__class__("outputs/train"),)
+    with pytest.raises(DreamMixError, match="allow_remote=true"):
+        AppSpec.from_config(compose("app", [f"run_dir={tmp_path}", "host=0.0.0.0"]))
+    assert AppSpec.from_config(compose("app", [f"run_dir={tmp_path}", "host=0.0.0.0", "allow_remote=true"])).host == "0.0.0.0"
+    with pytest.raises(DreamMixError, match="expected int"):
+        AppSpec.from_config(compose("app", [f"run_dir={tmp_path}", "port=http"]))
