@@ -40,6 +40,7 @@ def _free_port() -> int:
 def server(tiny_model_dir, tmp_path):
     """``python src/app.py`` (the real entry point) on a free loopback port, stopped afterwards."""
     make_train_run(tiny_model_dir, tmp_path / "train" / "can" / "r1", "can", "can", {"color": ["blue", "silver"]}, seed=1)
+    make_train_run(tiny_model_dir, tmp_path / "train" / "dog" / "r1", "dog", "dog", {"color": ["brown"]}, seed=0)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "DREAMMIX_CACHE": str(tiny_model_dir.parent),
            "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
@@ -90,7 +91,30 @@ def browser():
         driver.quit()
 
 
-def test_paint_a_mask_and_generate_in_a_real_browser(server, browser, tmp_path):
+def _settled_zoom(browser, timeout: float = 60.0) -> str:
+    """The editor's zoom percentage once it has stayed the same for a second."""
+    from selenium.webdriver.common.by import By
+
+    last, since, deadline = None, time.time(), time.time() + timeout
+    while time.time() < deadline:
+        spans = browser.find_elements(By.CSS_SELECTOR, "#editor .zoom-number span")
+        text = spans[0].text.rstrip("%") if spans else None
+        if text != last:
+            last, since = text, time.time()
+        elif text and time.time() - since >= 1.0:
+            return text
+        time.sleep(0.1)
+    pytest.fail(f"the editor's zoom did not settle (last {last!r})")
+
+
+#: Two strokes, in screen pixels from the editor canvas's centre: (start, end) of each.
+STROKES = (((-100, -40), (-60, -40)), ((60, 50), (100, 50)))
+
+
+def test_paint_masks_and_generate_in_a_real_browser(server, browser, tmp_path):
+    """One stroke on layer Region 1 (subject can), one on layer Region 2 (subject dog, second
+    region switched on), a typed prompt, Generate: a PNG of the photo's size whose pixels away from
+    both strokes are the photo's."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -102,12 +126,17 @@ def test_paint_a_mask_and_generate_in_a_real_browser(server, browser, tmp_path):
     wait = WebDriverWait(browser, 180)
     browser.get(server)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#photo input[type=file]"))).send_keys(str(photo))
-    # the photo becomes the editor's background; paint a stroke on layer "Region 1"
+    # the photo becomes the editor's background; paint region 1, switch layer, paint region 2
     canvas = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#editor canvas")))
-    zoom = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#editor .zoom-number span").text.rstrip("%"))
-    time.sleep(1)
-    ActionChains(browser).move_to_element_with_offset(canvas, -40, 0).click_and_hold().move_by_offset(40, 0) \
-        .move_by_offset(40, 10).release().perform()  # fmt: skip
+    zoom = _settled_zoom(browser)  # the editor fits the photo a moment after it appears
+    for layer, ((x0, y0), (x1, y1)) in enumerate(STROKES):
+        if layer == 1:
+            browser.find_element(By.CSS_SELECTOR, "#editor button[aria-label='Show Layers']").click()
+            wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#editor button[aria-label='layer-2']"))).click()
+        ActionChains(browser).move_to_element_with_offset(canvas, x0, y0).click_and_hold() \
+            .move_by_offset(x1 - x0, y1 - y0).release().perform()  # fmt: skip
+    browser.find_element(By.CSS_SELECTOR, "#second .label-wrap").click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#use2 label"))).click()
     steps = browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
     steps.clear()
     steps.send_keys("2")
@@ -125,13 +154,17 @@ def test_paint_a_mask_and_generate_in_a_real_browser(server, browser, tmp_path):
         (tmp_path / "result.png").write_bytes(response.read())
     y = np.asarray(Image.open(tmp_path / "result.png").convert("RGB"))
     assert y.shape == x.shape, status
-    assert "1 region(s): can" in status
-    # the stroke ran from 40 px left of the canvas centre to 40 px right and 10 down, in screen pixels at
-    # the editor's zoom: everything farther than a brush width + the feather band from it is untouched
-    scale = 100.0 / float(zoom)
-    cx, cy, margin = W / 2, H / 2, 60
-    near = np.zeros((H, W), bool)
-    near[max(0, int(cy - margin)) : int(cy + 10 * scale + margin), max(0, int(cx - 40 * scale - margin)) : int(cx + 40 * scale + margin)] = True
-    assert np.array_equal(y[~near], x[~near])
+    assert _settled_zoom(browser) == zoom  # the strokes were drawn at the zoom used below
+    assert "2 region(s): can, dog" in status
+    # strokes are in screen pixels at the editor's zoom, centred on the photo: everything farther
+    # than a brush width + the feather band from them is untouched
+    scale, margin = 100.0 / float(zoom), 45
     changed = np.any(y != x, axis=-1)
-    assert changed[near].mean() > 0.05  # the painted region was inpainted
+    near = np.zeros((H, W), bool)
+    for (x0, y0), (x1, y1) in STROKES:
+        box = np.zeros((H, W), bool)
+        top, left = int(H / 2 + min(y0, y1) * scale - margin), int(W / 2 + min(x0, x1) * scale - margin)
+        box[max(0, top) : int(H / 2 + max(y0, y1) * scale + margin), max(0, left) : int(W / 2 + max(x0, x1) * scale + margin)] = True
+        assert changed[box].mean() > 0.05  # each painted region was inpainted
+        near |= box
+    assert np.array_equal(y[~near], x[~near])

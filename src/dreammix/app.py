@@ -293,6 +293,7 @@ def build_ui(app: InpaintApp):
     spec = app.spec
     choices = app.subject_choices()
     first = choices[0][1]
+    second = choices[1][1] if len(choices) > 2 else first  # another subject when there is one
 
     def page_error(fn):
         """A bad request becomes a message in the page (gr.Error), never a traceback."""
@@ -332,12 +333,12 @@ def build_ui(app: InpaintApp):
                     prompt1 = gr.Textbox(app.default_prompt(first), label="Prompt (region 1)", elem_id="prompt1")
                     words1 = gr.Textbox(app.suggest_words(first, app.default_prompt(first)), label="TAS words (comma-separated)", elem_id="words1")
                     mask1 = gr.Image(label="…or upload a mask for region 1 (white = fill)", type="numpy", sources=["upload"], height=120)
-                with gr.Accordion("Second region (optional)", open=False):
+                with gr.Accordion("Second region (optional)", open=False, elem_id="second"):
                     use2 = gr.Checkbox(False, label="Inpaint a second subject (layer Region 2)", elem_id="use2")
-                    subject2 = gr.Dropdown(choices, value=first, label="Subject (region 2)")
-                    info2 = gr.Markdown(app.subject_info(first))
-                    prompt2 = gr.Textbox(app.default_prompt(first), label="Prompt (region 2)")
-                    words2 = gr.Textbox(app.suggest_words(first, app.default_prompt(first)), label="TAS words (region 2)")
+                    subject2 = gr.Dropdown(choices, value=second, label="Subject (region 2)")
+                    info2 = gr.Markdown(app.subject_info(second))
+                    prompt2 = gr.Textbox(app.default_prompt(second), label="Prompt (region 2)")
+                    words2 = gr.Textbox(app.suggest_words(second, app.default_prompt(second)), label="TAS words (region 2)")
                     mask2 = gr.Image(label="…or upload a mask for region 2", type="numpy", sources=["upload"], height=120)
                 lambda_ = gr.Slider(0.0, 1.0, spec.lambda_, step=0.05, label="λ (share of steps as local generation)", elem_id="lambda")
                 tas = gr.Checkbox(True, label="TAS (remove the subject's conflicting attributes)")
