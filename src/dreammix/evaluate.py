@@ -40,8 +40,10 @@ from omegaconf import DictConfig, OmegaConf
 from dreammix.atomic import atomic_save_image, atomic_write_bytes
 from dreammix.benchmark.manifest import TASKS, Case, read_manifest
 from dreammix.benchmark.records import RecordLog
+from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
+from dreammix.paths import ensure_writable_dir
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -323,6 +325,7 @@ def generate_cases(
                 feather_radius=cfg.dif.get("feather_radius"),
             )
             atomic_save_image(result.images[0], image_path(run_dir, case))
+            write_sidecar(image_path(run_dir, case), case)  # what it was made from (resume staleness)
             log.info("[%d/%d] %s", number, len(pending), case.case_id)
     return len(pending)
 
@@ -578,13 +581,14 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,
         {"row": row, "subject": subject, "class_noun": str(cfg.subject.class_noun),
          "manifest": str(Path(str(cfg.manifest)).resolve()), "lora_training": None if lora is None else lora.get("run"),
          "lora_dir": None if lora is None else lora["dir"]},
     )  # fmt: skip
+    drop_stale(cases, lambda case: image_path(run_dir, case), run_dir / RECORDS_NAME)  # changed cases: redo
     records = RecordLog(run_dir / RECORDS_NAME)
     check_records_match(records.load(), cases, records.path)
     eliminate = eliminate_words(cfg, cases)

@@ -23,6 +23,8 @@ from dreammix.atomic import atomic_save_image
 from dreammix.cli import config_value
 from dreammix.data.images import load_image, load_mask
 from dreammix.errors import DreamMixError
+from dreammix.paths import ensure_writable_dir
+from dreammix.validation import check_lora_file
 from dreammix.imaging import image_strip
 from dreammix.tas import IDENTIFIER, check_identifier, clean_eliminate_words
 
@@ -110,6 +112,7 @@ def _check_paths(cfg: DictConfig) -> None:
             raise DreamMixError("LoRA folder not found", f"lora={cfg.lora}")
         if not (lora / LORA_WEIGHTS_NAME).is_file():
             raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", f"lora={cfg.lora}")
+        check_lora_file(lora / LORA_WEIGHTS_NAME, f"lora={cfg.lora}")  # before the base model loads
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device):
@@ -146,6 +149,10 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
     if cfg.scheduler not in (None, "default") and cfg.scheduler not in SCHEDULERS:
         raise DreamMixError(f"unknown scheduler {cfg.scheduler!r}; choose from default, {', '.join(SCHEDULERS)}", "scheduler")
     paths = output_paths(cfg.out, num_images)
+    for path in paths:  # a read-only or impossible location fails now, not after generating
+        ensure_writable_dir(path.parent, "out")
+        if path.is_dir():
+            raise DreamMixError(f"{path} is a folder", "out")
     image = load_image(cfg.image)
     mask = load_mask(cfg.mask, size=image.size)
     if not mask.any():

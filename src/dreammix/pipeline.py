@@ -206,10 +206,16 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             raise DreamMixError("LoRA folder not found", str(path))
         if not (path / LORA_WEIGHTS_NAME).is_file():
             raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", str(path))
+        from dreammix.validation import check_lora_file
+
+        check_lora_file(path / LORA_WEIGHTS_NAME, str(path))  # unreadable or NaN weights: refused
         try:
             self.load_lora_weights(str(path), adapter_name=adapter_name)
-        except (ValueError, KeyError, OSError) as exc:
-            raise DreamMixError(f"cannot load LoRA: {str(exc).splitlines()[0]}", str(path)) from exc
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:  # RuntimeError: LoRA of another base (size mismatch)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            if "size mismatch" in str(exc):
+                message = "its tensor shapes do not fit this base model (a LoRA trained on another model?)"
+            raise DreamMixError(f"cannot load LoRA: {message}", str(path)) from exc
         self.set_adapters([adapter_name], adapter_weights=[scale])
 
     @contextlib.contextmanager
@@ -363,6 +369,8 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
     def _vae_decode(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        if not bool(torch.isfinite(x).all()):  # PIL conversion would turn NaN into black pixels, silently
+            raise DreamMixError("the model produced NaN/infinite pixels (a diverged LoRA, lora_scale or guidance?)", "output")
         return self.image_processor.postprocess(x, output_type="pil")
 
     def _predict_x0(self, step_output: Any, scaled_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
