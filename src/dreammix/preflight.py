@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from dreammix.data.frozen import object_square
 from dreammix.data.subjects import Subject, load_source_examples
 from dreammix.errors import DreamMixError
 from dreammix.models.lora import LoraSpec
@@ -28,9 +29,11 @@ def check_checkpoint(ckpt_path: Path, lora: LoraSpec) -> None:
 
 
 def check_before_loading(subject: Subject, data, lora: LoraSpec, ckpt_path: Path | None) -> None:  # noqa: ANN001 - DataSpec
-    """Subject photos and masks readable and non-empty; checkpoint usable (see module docstring)."""
+    """Subject photos and masks readable, non-empty and croppable; checkpoint usable (module docstring)."""
     with warnings.catch_warnings():  # the datamodule repeats them when it loads the data for real
         warnings.simplefilter("ignore")
-        load_source_examples(subject, data.missing_mask)
+        examples = load_source_examples(subject, data.missing_mask)
+    for example in examples:  # the square training crop must keep the object (else: error naming the photo)
+        object_square(example.mask, example.path)
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, lora)
