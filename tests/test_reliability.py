@@ -461,3 +461,225 @@ def test_a_secret_on_the_command_line_is_refused_before_hydra_writes_anything(en
     assert "SECRET" not in err and "whatever-secret" not in err
     assert not (tmp_path / "outputs").exists()
     assert [p for p in tmp_path.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. SIGTERM / SIGINT during training: a resumable checkpoint, exit 128 + signal
+# ------------------------------------------------------------------------------------------------
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
+    """Make the training loop receive ``signum`` from outside during optimizer step ``step``."""
+    import lightning as L
+
+    import dreammix.train as train_module
+
+    class Sender(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == step - 1:
+                os.kill(os.getpid(), signum)
+
+    original = train_module._callbacks
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), Sender()])
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_resumable_checkpoint_and_exits_128_plus_signal(entry, tmp_path, subject, monkeypatch,
+                                                                         signum, code):
+    _signal_at_step(monkeypatch, 2, signum)
+    run = tmp_path / "run"
+    exit_code, err = entry("train.py", *TRAIN_FAST, *subject_args(subject), "trainer.max_steps=50",
+                           "checkpoint.every_n_steps=0", f"run_dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    assert_error_ends_the_run(exit_code, err, f"stopped by {signal.Signals(signum).name} at step 2; resume with ckpt_path={last}", code)
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and all("lora_" in k for k in state["state_dict"])
+    assert (run / "checkpoints" / "step_000002.ckpt").is_file() and not (run / "lora").exists()
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(signal.getsignal(signal.SIGTERM))
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_equals_the_uninterrupted_run(compose, tmp_path, subject, monkeypatch):
+    """The README recipe: ``ckpt_path=<run>/checkpoints/last.ckpt`` after a SIGTERM at step 2 of 4
+    (with gradient accumulation 2, so the signal lands inside an accumulation window) gives the
+    LoRA of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from dreammix.interrupt import TrainingInterrupted
+    from dreammix.train import train
+
+    def cfg(run, *extra):
+        return compose("train", [*TRAIN_FAST, *subject_args(subject), "trainer.max_steps=4", "optim.lr=1e-2",
+                                 "trainer.accumulate_grad_batches=2", "checkpoint.every_n_steps=0", "loss.beta=0",
+                                 f"run_dir={tmp_path / run}", *extra])
+
+    straight = train(cfg("straight"))
+    with monkeypatch.context() as patch:
+        _signal_at_step(patch, 2, signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(cfg("stopped"))
+    assert stopped.value.exit_code == 143
+    resumed = train(cfg("resumed", f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}"))
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_real_process_exits_143_with_a_checkpoint(tmp_path, subject):
+    """What SLURM / Kubernetes do: SIGTERM to ``python src/train.py`` while it trains."""
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(SRC / "train.py"), *TRAIN_FAST, *subject_args(subject), "trainer.max_steps=100000",
+         "checkpoint.every_n_steps=1", f"run_dir={run}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_000001.ckpt").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "Traceback" not in err
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. inputs that used to end in a traceback: one line, exit 2, before the model where possible
+# ------------------------------------------------------------------------------------------------
+
+
+class _Touch:
+    """A pickle that would create a file if it were ever unpickled with code execution."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "empty", "malicious", "other_rank", "nan", "not_a_checkpoint"])
+def test_bad_checkpoints_are_refused_before_the_model_loads(entry, tmp_path, subject, monkeypatch, kind):
+    ckpt = tmp_path / "bad.ckpt"
+    lora_key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.default.weight"
+    if kind == "corrupt":
+        ckpt.write_bytes(os.urandom(4096))
+    elif kind == "empty":
+        ckpt.write_bytes(b"")
+    elif kind == "malicious":
+        torch.save({"state_dict": {}, "x": _Touch(tmp_path / "pwned")}, ckpt)
+    elif kind == "other_rank":
+        torch.save({"state_dict": {lora_key: torch.zeros(8, 64)},
+                    "dreammix_lora": {"rank": 8, "alpha": 4.0, "target_modules": ["to_k", "to_v"]}}, ckpt)
+    elif kind == "nan":
+        torch.save({"state_dict": {lora_key: torch.full((4, 64), float("nan"))}}, ckpt)
+    else:
+        torch.save([1, 2, 3], ckpt)
+    monkeypatch.setattr("dreammix.train.load_pipeline", boom)
+    code, err = entry("train.py", *TRAIN_FAST, *subject_args(subject), f"ckpt_path={ckpt}", f"run_dir={tmp_path / 'run'}")
+    message = {"corrupt": "not a readable training checkpoint", "empty": "not a readable training checkpoint",
+               "malicious": "holds objects other than tensors and plain data (refused",
+               "other_rank": "does not match the configured LoRA", "nan": "holds NaN or infinite values",
+               "not_a_checkpoint": "not a Lightning training checkpoint"}[kind]
+    assert_one_line_error(code, err, message)
+    assert "weights_only=False" not in err and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("script", ["inpaint.py", "train.py", "build_benchmark.py", "eval.py"])
+def test_an_unwritable_output_location_fails_before_any_generation(entry, tmp_path, subject, monkeypatch, script):
+    """/proc refuses new files even to root (this suite may run as root, where chmod proves nothing)."""
+    image, mask = _image_and_mask(tmp_path / "in")
+    monkeypatch.setattr("dreammix.models.loading.load_pipeline", boom)
+    monkeypatch.setattr("dreammix.train.load_pipeline", boom)
+    args = {
+        "inpaint.py": ["model=tiny", f"image={image}", f"mask={mask}", "prompt=a sks thing", "out=/proc/dreammix/x.png"],
+        "train.py": [*TRAIN_FAST, *subject_args(subject), "run_dir=/proc/dreammix-run"],
+        "build_benchmark.py": ["benchmark.out_dir=/proc/dreammix-bench"],
+        "eval.py": ["model=tiny", "logger=none", "lora_dir=null", f"manifest={_one_case_manifest(tmp_path)}",
+                    "subject=custom", "subject.name=thing", "subject.class_noun=thing",
+                    f"subject.image_dir={subject.image_dir}", "run_dir=/proc/dreammix-eval"],
+    }[script]
+    code, err = entry(script, *args)
+    assert_one_line_error(code, err, "cannot write to /proc/dreammix")
+
+
+def _one_case_manifest(tmp_path) -> Path:
+    from test_eval import make_bench
+
+    return make_bench(tmp_path / "bench", subjects=("thing",), backgrounds=1)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width x height`` pixels (all PIL reads before refusing a bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("pixels", [100_000 * 100_000, 12_000 * 8_000], ids=["bomb", "warning-size"])
+def test_decompression_bombs_are_one_line_errors(entry, tmp_path, monkeypatch, pixels):
+    image, mask = _image_and_mask(tmp_path / "in")
+    side = int(pixels**0.5)
+    image.write_bytes(_png_header(side, pixels // side))
+    monkeypatch.setattr("dreammix.models.loading.load_pipeline", boom)
+    code, err = entry("inpaint.py", "model=tiny", f"image={image}", f"mask={mask}", "prompt=a sks thing",
+                      f"out={tmp_path / 'o.png'}")
+    assert_one_line_error(code, err, "image too large (DecompressionBomb")
+
+
+def test_adm_out_dir_that_is_a_file_is_one_line(entry, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    code, err = entry("adm.py", *ADM, f"adm.out_dir={target}")
+    assert_one_line_error(code, err, "exists and is not a folder (adm.out_dir)")
+    assert target.read_text() == "mine"
+
+
+def test_a_lora_of_another_base_is_one_line_in_inpaint(entry, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_real_lora
+
+    good = make_real_lora(tiny_model_dir, tmp_path / "good")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    tensors = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora.down" in k else v
+               for k, v in load_file(good / "pytorch_lora_weights.safetensors").items()}
+    save_file(tensors, str(foreign / "pytorch_lora_weights.safetensors"))
+    image, mask = _image_and_mask(tmp_path / "in")
+    code, err = entry("inpaint.py", "model=tiny", f"model.pretrained={tiny_model_dir}", f"image={image}", f"mask={mask}",
+                      "prompt=a sks thing", f"lora={foreign}", f"out={tmp_path / 'o.png'}", "progress=false")
+    assert_error_ends_the_run(code, err, "cannot load LoRA: its tensor shapes do not fit this base model")
+    assert not (tmp_path / "o.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. late errors come before the base model loads
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("defect", ["empty_file", "not_an_image", "empty_mask"])
+def test_bad_subject_data_is_reported_before_the_model_loads(entry, tmp_path, monkeypatch, defect):
+    bad = make_subject(tmp_path / "subject", n=2)
+    if defect == "empty_file":
+        (bad.image_dir / "01.jpg").write_bytes(b"")
+    elif defect == "not_an_image":
+        (bad.image_dir / "01.jpg").write_text("hello")
+    else:
+        Image.new("L", (64, 64), 0).save(bad.mask_dir / "01.png")
+    monkeypatch.setattr("dreammix.train.load_pipeline", boom)
+    code, err = entry("train.py", *TRAIN_FAST, *subject_args(bad), f"run_dir={tmp_path / 'run'}")
+    message = "mask is empty" if defect == "empty_mask" else "cannot read image"
+    assert_one_line_error(code, err, message)
+    assert "01." in err

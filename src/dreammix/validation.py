@@ -357,8 +357,9 @@ def load_checkpoint_safely(path: str | Path, where: str = "ckpt_path") -> dict[s
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's own text suggests the unsafe way out: not repeated
-        raise DreamMixError("refused: the checkpoint holds objects other than tensors and plain data "
-                            "(a hostile or foreign file); use a checkpoint written by train.py", where) from exc
+        raise DreamMixError("not a readable training checkpoint of this project: corrupt, or it holds objects other "
+                            "than tensors and plain data (refused: they could run code); use one written by train.py",
+                            where) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
             AttributeError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
