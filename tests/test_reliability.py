@@ -683,3 +683,86 @@ def test_bad_subject_data_is_reported_before_the_model_loads(entry, tmp_path, mo
     message = "mask is empty" if defect == "empty_mask" else "cannot read image"
     assert_one_line_error(code, err, message)
     assert "01." in err
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. fuzz: every numeric key of every entry point's config, with hostile values
+# ------------------------------------------------------------------------------------------------
+
+#: Each entry point's config with its mandatory values filled in (what the fuzz starts from).
+ENTRY_CONFIGS = {
+    "train": ["model=tiny", "logger=none"],
+    "adm": ["model=tiny", "logger=none", "vlm=offline", "run_dir=unused"],
+    "eval": ["model=tiny", "logger=none", "lora_dir=null", "run_dir=unused"],
+    "inpaint": ["model=tiny", "image=x.png", "mask=m.png", "prompt=a sks thing", "run_dir=unused"],
+    "build_benchmark": [],
+}
+HOSTILE = [float("nan"), float("inf"), -1, 10**30, "", "abc"]
+
+
+def _numeric_keys(cfg) -> list[str]:
+    from dreammix.validation import _leaves
+
+    return [k for k, v in _leaves(cfg) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _pre_model_checks(name: str, cfg, subject) -> None:
+    """What each entry point checks before any model loads (beyond validate_config)."""
+    from dreammix.adm import _check_config
+    from dreammix.benchmark.builder import BoxFilters
+    from dreammix.models.loading import model_spec_from_config
+    from dreammix.train import train_specs
+    from dreammix.vlm import make_vlm_client
+
+    if name == "train":
+        train_specs(cfg)
+    if name == "adm":
+        _check_config(cfg.adm)
+        make_vlm_client(cfg.get("vlm"))
+    if name == "build_benchmark":
+        from omegaconf import OmegaConf
+
+        BoxFilters.from_config(OmegaConf.to_container(cfg.benchmark.filters, resolve=True))
+    if "model" in cfg:
+        model_spec_from_config(cfg.model)
+
+
+@pytest.mark.parametrize("name", list(ENTRY_CONFIGS))
+def test_fuzz_every_numeric_setting_gives_success_or_a_one_line_error(compose, name, subject, tmp_path):
+    """nan / inf / negative / huge / empty / wrong-typed values in every numeric key: the config
+    validator (what ``hydra_entry`` runs on every job) and the entry point's own pre-model checks
+    either accept the value or raise a one-line DreamMixError, never anything else; non-finite
+    values are always refused; and every numeric key has a rule (a new setting needs one)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from dreammix.validation import RULES, validate_config
+
+    overrides = list(ENTRY_CONFIGS[name])
+    if name == "train":
+        overrides += [*subject_args(subject), f"run_dir={tmp_path}"]
+    base = compose(name, overrides)
+    keys = _numeric_keys(base)
+    assert keys
+    unruled = [k for k in keys if k.split("[")[0] not in RULES]
+    assert not unruled, f"add a rule to dreammix.validation.RULES for {unruled}"
+    cfg = OmegaConf.create(OmegaConf.to_container(base, resolve=True))
+    for key in keys:
+        parent_key, _, last = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        index = last
+        if last.endswith("]"):  # a list item: "adm.mask_area[0]"
+            list_key, _, number = last[:-1].partition("[")
+            parent, index = parent[list_key], int(number)
+        original = parent[index]
+        for value in HOSTILE:
+            with open_dict(cfg):
+                parent[index] = value
+            try:
+                validate_config(cfg)
+                _pre_model_checks(name, cfg, subject)
+            except DreamMixError as exc:
+                assert "\n" not in str(exc), (key, value, str(exc))
+            else:
+                assert not (isinstance(value, float) and not np.isfinite(value)), f"{key}={value} accepted"
+        with open_dict(cfg):
+            parent[index] = original

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,18 @@ class NumList:
             self.item.check(v, f"{key}[{i}]")
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Lightning's ``devices``: a count (-1 = all), ``auto``, or a list of device indices."""
+
+    def check(self, value: Any, key: str) -> None:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)):
+            return
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            return
+        raise DreamMixError(f"devices must be a count >= 1, -1 (all), auto or a list of indices; got {value!r}", key)
+
+
 def _int(low: float | None = None, high: float | None = MAX_INT, **kw: Any) -> Num:
     return Num(int, low, high, **kw)
 
@@ -127,6 +139,7 @@ RULES: dict[str, Any] = {
     "trainer.log_every_n_steps": _int(1),
     "trainer.gradient_clip_val": _float(0.0, nullable=True),
     "trainer.precision": Choice(PRECISIONS),
+    "trainer.devices": Devices(),
     "checkpoint.every_n_steps": _int(0),
     "validation.every_n_steps": _int(0),
     "validation.num_samples": _int(0, 1_000),
@@ -210,54 +223,49 @@ RULES: dict[str, Any] = {
 }
 
 
-def _select(cfg: Any, key: str) -> tuple[bool, Any]:
-    """(present, value) of a dotted key; a missing, ``???`` or unresolvable value is "absent"."""
-    from omegaconf import OmegaConf
+def _flatten(node: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted key → value of every resolvable leaf, and of every list (as a Python list) too;
+    missing (``???``) and unresolvable values (e.g. ``${hydra:...}`` outside a job) are left out."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-    except OmegaConfBaseException:
-        return False, None
-    if value is _ABSENT:
-        return False, None
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
-    return True, value
-
-
-_ABSENT = object()
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every resolvable leaf; interpolations that fail here are skipped."""
-    from omegaconf import DictConfig, ListConfig
-    from omegaconf.errors import OmegaConfBaseException
-
-    items = enumerate(node) if isinstance(node, ListConfig) else ((k, None) for k in node)
-    for key, _ in items:
-        path = f"{prefix}[{key}]" if isinstance(node, ListConfig) else (f"{prefix}.{key}" if prefix else str(key))
+    out = {} if out is None else out
+    is_list = isinstance(node, ListConfig)
+    for key in range(len(node)) if is_list else list(node.keys()):
+        path = f"{prefix}[{key}]" if is_list else (f"{prefix}.{key}" if prefix else str(key))
         try:
             value = node[key]
         except OmegaConfBaseException:
             continue
-        if isinstance(value, (DictConfig, ListConfig)):
-            yield from _leaves(value, path)
+        if isinstance(value, DictConfig):
+            _flatten(value, path, out)
+        elif isinstance(value, ListConfig):
+            try:
+                out[path] = OmegaConf.to_container(value, resolve=True)
+            except OmegaConfBaseException:
+                pass
+            _flatten(value, path, out)
         else:
-            yield path, value
+            out[path] = value
+    return out
+
+
+def _leaves(cfg: Any) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every resolvable scalar leaf of ``cfg``."""
+    return [(k, v) for k, v in _flatten(cfg).items() if not isinstance(v, list)]
 
 
 def validate_config(cfg: Any) -> None:
     """Refuse any non-finite number and any value outside its rule (see the module docstring)."""
-    for key, value in _leaves(cfg):
+    flat = _flatten(cfg)
+    for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise DreamMixError(f"{key.rsplit('.', 1)[-1]} must be a finite number, got {value}", key)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
             raise DreamMixError(f"{value} is too large", key)
     for key, rule in RULES.items():
-        present, value = _select(cfg, key)
-        if present:
-            rule.check(value, key)
+        if key in flat:
+            rule.check(flat[key], key)
 
 
 # ------------------------------------------------------------------------------------------------
