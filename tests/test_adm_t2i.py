@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dreammix import adm as adm_module
 from dreammix import adm_t2i
 from dreammix.adm import read_manifest, run_adm
 from dreammix.adm_t2i import SEED_STRIDE
@@ -163,6 +164,11 @@ def test_images_without_an_object_or_all_object_are_redone_with_the_next_seed(co
     assert_same_image(out / entries[11]["image"], reference(entries[11]["prompt"], 11 + 2 * s))
     kept = np.asarray(Image.open(out / entries[11]["image"]).convert("RGB"), dtype=np.int16)
     assert np.abs(kept - reference(entries[11]["prompt"], 11)).max() > 2  # the seed shows in the image
+
+    # adm.overwrite=true removes the drop log with the rest of the set.
+    monkeypatch.setattr(adm_module, "_generate", lambda *a, **k: None)
+    run_adm(route_cfg(compose, tmp_path, *common, "adm.overwrite=true"))
+    assert not (out / "dropped.jsonl").exists() and not (out / "manifest.jsonl").exists()
 
 
 @pytest.mark.parametrize(

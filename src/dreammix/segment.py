@@ -34,13 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """``conf/segmenter/*.yaml``: which CLIPSeg, where to run it, where to cut its probabilities."""
+    """``conf/segmenter/*.yaml``: which CLIPSeg and where to cut its probabilities. It runs on
+    the device of the job that asks (``adm.device``, the trainer's device)."""
 
     pretrained: str = "CIDAS/clipseg-rd64-refined"
     revision: str | None = None
     threshold: float = 0.4
     batch_size: int = 8
-    device: str = "auto"
     build_if_missing: bool = False
 
     def __post_init__(self) -> None:
@@ -56,8 +56,7 @@ class SegmenterSpec:
         try:
             return cls(
                 pretrained=str(cfg.pretrained), revision=cfg.get("revision"), threshold=float(cfg.threshold),
-                batch_size=int(cfg.get("batch_size", 8)), device=str(cfg.get("device", "auto")),
-                build_if_missing=bool(cfg.get("build_if_missing", False)),
+                batch_size=int(cfg.get("batch_size", 8)), build_if_missing=bool(cfg.get("build_if_missing", False)),
             )
         except (TypeError, ValueError) as exc:
             raise DreamMixError(f"bad value: {exc}", "segmenter") from exc
@@ -65,12 +64,6 @@ class SegmenterSpec:
     def settings(self) -> dict:
         """What decides a mask (written beside cached masks: other settings → segment again)."""
         return {"pretrained": self.pretrained, "revision": self.revision, "threshold": self.threshold}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class TextSegmenter:
@@ -97,8 +90,8 @@ class TextSegmenter:
             if logits.ndim == 2:  # older transformers squeezed a batch of one to (h, w)
                 logits = logits[None]
             for image, logit in zip(batch, logits):
-                # Resize logits, not probabilities: bilinear interpolation of logits keeps the
-                # sigmoid's sharp edge where the original map crosses the threshold.
+                # The logit map is resized, then squashed: the mask is where the interpolated
+                # logit exceeds log(t / (1 - t)).
                 full = F.interpolate(logit[None, None], size=(image.height, image.width), mode="bilinear",
                                      align_corners=False)[0, 0]  # fmt: skip
                 out.append(torch.sigmoid(full).cpu().numpy())
@@ -113,14 +106,12 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), mode="L")
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-
-
 def load_segmenter(spec: SegmenterSpec, device: torch.device | str | None = None) -> TextSegmenter:
     """CLIPSeg from ``spec.pretrained`` (hub id or local folder; the tiny one is built when
     ``build_if_missing``). A missing or unreadable model is one line naming ``segmenter.pretrained``."""
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    from dreammix.models.loading import _looks_like_path
 
     source = spec.pretrained
     if spec.build_if_missing:
@@ -137,6 +128,6 @@ def load_segmenter(spec: SegmenterSpec, device: torch.device | str | None = None
     except (OSError, ValueError) as exc:
         raise DreamMixError(f"cannot load segmentation model {spec.pretrained!r}: {str(exc).splitlines()[0]}",
                             "segmenter.pretrained") from exc  # fmt: skip
-    device = resolve_device(spec.device) if device is None else torch.device(device)
+    device = torch.device("cpu" if device is None else device)
     log.info("segmentation model %s on %s (threshold %.2f)", spec.pretrained, device, spec.threshold)
     return TextSegmenter(model, processor, spec.threshold, device, spec.batch_size)
