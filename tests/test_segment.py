@@ -218,3 +218,16 @@ def test_a_custom_subject_with_photos_only_trains_on_segmented_masks(compose, tm
         expected = expected_mask(tiny_clipseg, Image.open(example.path).convert("RGB"), "can", 0.5)
         np.testing.assert_array_equal(example.mask, expected.astype(np.float32))
         np.testing.assert_array_equal(np.asarray(Image.open(folder / f"{example.path.stem}.png")) == 255, expected)
+
+
+def test_bad_segmenter_settings_stop_training_before_the_model_loads(compose, tmp_path, monkeypatch):
+    import dreammix.train as train_module
+
+    subject = photo_subject(tmp_path, n=1)
+    monkeypatch.setattr(train_module, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    cfg = compose("train", ["model=tiny", "segmenter=tiny", "logger=none", "subject=custom", "subject.name=mug",
+                            "subject.class_noun=can", f"subject.image_dir={subject.image_dir}", f"run_dir={tmp_path / 'run'}",
+                            "data.missing_mask=segment", "segmenter.threshold=1.5"])  # fmt: skip
+    with pytest.raises(DreamMixError, match=r"got 1.5 \(segmenter.threshold\)$"):
+        train_module.train(cfg)
+    assert not (subject.image_dir / BESIDE_NAME).exists()
