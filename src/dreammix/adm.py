@@ -13,7 +13,9 @@
    a box/ellipse mask on a background (plain neutral ones made in code, or ``adm.background_dir``),
    so the mask is exact by construction and no segmentation model is needed. Item ``i`` uses
    ``seed = adm.base_seed + i`` for its background, mask and noise, so it is the same whether it
-   is made in the first run or a resumed one, in any batch.
+   is made in the first run or a resumed one, in any batch. ``adm.route=t2i_segment`` instead
+   generates each prompt with the SDXL text-to-image base and segments the object
+   (:mod:`dreammix.adm_t2i`, the paper's wording and the public code's route).
 
 Output (the contract with the training datamodule)::
 
@@ -237,7 +239,7 @@ def clear_regular_set(out_dir: str | Path) -> None:
     for entry in read_manifest(out_dir):
         for key in ("image", "mask"):
             (out_dir / entry[key]).unlink(missing_ok=True)
-    for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME):
+    for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME, "dropped.jsonl"):  # dropped: adm_t2i
         (out_dir / name).unlink(missing_ok=True)
     for name in ("images", "masks"):
         if (out_dir / name).is_dir() and is_empty_dir(out_dir / name):
@@ -449,7 +451,10 @@ def run_adm(cfg) -> Path:
     its lock file). The folder must be new, empty or an ADM set (:func:`check_adm_folder`), and one
     run at a time writes there (:func:`dreammix.locks.folder_lock`).
     """
+    from dreammix.adm_t2i import check_route_config
+
     _check_config(cfg.adm)
+    check_route_config(cfg)
     out_dir = Path(str(cfg.adm.out_dir))
     check_adm_folder(out_dir)
     with contextlib.ExitStack() as lock:  # taken in _run_adm before its first write
@@ -457,6 +462,8 @@ def run_adm(cfg) -> Path:
 
 
 def _run_adm(cfg, out_dir: Path, lock: contextlib.ExitStack) -> Path:
+    from dreammix.adm_t2i import check_route
+
     adm = cfg.adm
     overwrite = bool(adm.overwrite)
     client = make_vlm_client(cfg.get("vlm"))
@@ -494,6 +501,7 @@ def _run_adm(cfg, out_dir: Path, lock: contextlib.ExitStack) -> Path:
 
     existing = {e["image"]: e for e in read_manifest(out_dir, repair=True)}
     _check_manifest_matches(existing, items, out_dir)
+    check_route(existing.values(), str(adm.route), out_dir)
     pending = [item for item in items if item.image not in existing]
     log.info("regular set %s: %d of %d items to make", out_dir, len(pending), len(items))
     if pending:
@@ -520,6 +528,10 @@ def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
     from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
 
     adm = cfg.adm
+    if adm.route == "t2i_segment":
+        from dreammix.adm_t2i import generate_t2i_segment
+
+        return generate_t2i_segment(cfg, items, out_dir)
     background_files: list[Path] = []
     if adm.background_dir:
         background_files = list_images(adm.background_dir)
