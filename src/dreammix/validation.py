@@ -178,6 +178,11 @@ RULES: dict[str, Any] = {
     "adm.batch_size": _int(1, 4_096),
     "adm.mask_area": NumList(_float(0.0, 1.0, open_low=True, open_high=True), 2),
     "adm.log_samples": _int(0, 100_000),
+    "adm.t2i_segment.min_area": _PROB,
+    "adm.t2i_segment.max_area": _PROB,
+    "adm.t2i_segment.max_attempts": _int(1, 1_000),
+    "segmenter.threshold": _float(0.0, 1.0, open_high=True),
+    "segmenter.batch_size": _int(1, 4_096),
     # eval.py / inpaint.py
     "lora_scale": _float(-100.0, 100.0),
     "limit": _int(1, nullable=True),
