@@ -400,10 +400,16 @@ def load_crop_upscaler(model_id: str, revision: str | None = None, device: Any =
                        dtype: torch.dtype = torch.float32) -> CropUpscaler | None:
     """The upscaler, or ``None`` with a warning when its weights cannot be had (optional knob:
     the crop is then resized plainly, as without it)."""
+    from pathlib import Path
+
     from transformers import Swin2SRForImageSuperResolution, Swin2SRImageProcessor
 
+    from dreammix.models.loading import _looks_like_path
+
     try:
-        model = Swin2SRForImageSuperResolution.from_pretrained(model_id, revision=revision)
+        if _looks_like_path(model_id) and not Path(model_id).expanduser().is_dir():
+            raise OSError("folder not found")
+        model = Swin2SRForImageSuperResolution.from_pretrained(str(Path(model_id).expanduser()) if _looks_like_path(model_id) else model_id, revision=revision)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("sampler.upscale.model=%s not available (%s): small LCG crops are resized without it", model_id, first)
