@@ -536,3 +536,31 @@ def test_cli_reference_preset_on_tiny_fooocus(files, tiny_model_dir):
         "error: sampler.base_switch=0.8 runs the last steps on the unpatched SDXL base, but model=tiny has no "
         "unpatched base (use model=fooocus, or sampler.base_switch=1.0) (sampler.base_switch)"
     ]
+
+
+def test_benchmark_calls_get_the_sampler_and_resume_refuses_another(compose, tmp_path):
+    """src/eval.py: the knobs reach every pipeline call and the prompt pre-encoding, are part of the
+    run's settings (a resume with another sampler is refused), and a base that cannot honour them
+    is refused before any model loads."""
+    from test_eval import StubPipe, StubSuite, eval_cfg, make_bench, make_lora, make_subject
+    from types import SimpleNamespace
+
+    from dreammix.evaluate import evaluate
+
+    bench = SimpleNamespace(manifest=make_bench(tmp_path / "bench"), refs=make_subject(tmp_path / "refs"),
+                            lora=make_lora(tmp_path / "lora", {"tau_in": 1.5, "tau_out": 0.7, "beta": 0.4}))  # fmt: skip
+    never = lambda c: pytest.fail("the model must not load")  # noqa: E731
+    with pytest.raises(DreamMixError, match="model=tiny has no unpatched base"):
+        evaluate(eval_cfg(compose, tmp_path, bench, "run", "sampler=reference"), pipe_factory=never)
+
+    pipe = StubPipe()
+    knobs = ["model=tiny_fooocus", "sampler.sharpness=2", "sampler.tas_context='a photo of a sks'", "sampler.base_switch=0.8"]
+    evaluate(eval_cfg(compose, tmp_path, bench, "run", "tasks=[attribute]", "limit=2", *knobs),
+             pipe_factory=lambda c: pipe, metric_suite=StubSuite())  # fmt: skip
+    assert len(pipe.calls) == 2
+    assert {(c["sampler"].sharpness, c["sampler"].tas_context, c["sampler"].base_switch) for c in pipe.calls} == {
+        (2.0, "a photo of a sks", 0.8)
+    }
+    assert pipe.encoded and {e["tas_context"] for e in pipe.encoded} == {"a photo of a sks"}
+    with pytest.raises(DreamMixError, match="cannot resume into this run_dir: sampler"):
+        evaluate(eval_cfg(compose, tmp_path, bench, "run", "tasks=[attribute]", "limit=2", *knobs[:-1]), pipe_factory=never)

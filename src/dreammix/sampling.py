@@ -330,7 +330,8 @@ class BaseTail:
         from dreammix.models.fooocus import _patchable_parameters, fooocus_patch_deltas
 
         params = _patchable_parameters(self.unet)
-        for key, delta in fooocus_patch_deltas(self.unet):
+        device = next(iter(params.values())).device
+        for key, delta in fooocus_patch_deltas(self.unet, device):
             yield key, params[key], delta
 
     @torch.no_grad()

@@ -291,11 +291,12 @@ def apply_fooocus_patch(unet: nn.Module, patch: Mapping[str, torch.Tensor]) -> l
     return sorted(patch)
 
 
-def fooocus_patch_deltas(unet: nn.Module):
-    """Yield ``(diffusers key, float32 delta)`` of the patch that built ``unet``, one at a time.
+def fooocus_patch_deltas(unet: nn.Module, device: torch.device | str = "cpu"):
+    """Yield ``(diffusers key, float32 delta on device)`` of the patch that built ``unet``, one at a time.
 
     The file is read once and kept *quantized* on the CPU (uint8: a quarter of the float32
-    deltas, half a bf16 UNet for SDXL); each delta is dequantized only while it is used.
+    deltas, half a bf16 UNet for SDXL); each entry is moved to ``device`` still quantized and
+    dequantized there only while it is used.
     """
     path = getattr(unet, "_dreammix_fooocus_patch_file", None)
     if path is None:
@@ -305,7 +306,9 @@ def fooocus_patch_deltas(unet: nn.Module):
         raw = _torch_load(Path(path), "Fooocus patch file")
         unet.__dict__["_dreammix_fooocus_patch_raw"] = raw
     for key, diffusers_key in unet._dreammix_fooocus_patch_keys.items():
-        yield diffusers_key, dequantize_patch_entry(raw[key], key=key, source=str(path))
+        entry = raw[key]
+        entry = entry.to(device) if isinstance(entry, torch.Tensor) else type(entry)(t.to(device) for t in entry)
+        yield diffusers_key, dequantize_patch_entry(entry, key=key, source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
