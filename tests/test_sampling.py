@@ -244,6 +244,16 @@ def test_base_tail_runs_the_last_steps_on_the_unpatched_base_without_adapter(foo
     assert not lora_layer.disable_adapters and unet.conv_in.head_enabled
     assert torch.equal(first, second)
 
+    # a run that fails inside the tail leaves the UNet patched too
+    def fail(pipe_, i, t, kwargs):
+        if i == 7:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe(**{**run, "num_inference_steps": 10, "sampler": SamplerSpec(base_switch=0.5)}, callback_on_step_end=fail)
+    assert all(torch.equal(p, patched[n]) for n, p in unet.state_dict().items())
+    assert not lora_layer.disable_adapters and unet.conv_in.head_enabled
+
 
 def test_base_tail_needs_the_fooocus_base(compose, files, tiny_pipe, monkeypatch):
     import dreammix.inpaint as inpaint
