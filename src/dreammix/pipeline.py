@@ -716,7 +716,9 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
         first_base = sampling.first_base_step(num_inference_steps, sampler.base_switch)
         tail = sampling.BaseTail(self.unet, first_base) if first_base < num_inference_steps else None
-        with self.progress_bar(total=num_inference_steps) as progress_bar, contextlib.closing(tail or _NoTail()):
+        # the tail puts the Fooocus patch back when the call ends, also on an error
+        tail_closed = contextlib.closing(tail) if tail is not None else contextlib.nullcontext()
+        with self.progress_bar(total=num_inference_steps) as progress_bar, tail_closed:
             common = dict(
                 num_inference_steps=num_inference_steps, num_images=n, generator=generator, blend=blend,
                 device=device, dtype=dtype, eta=eta, callback_on_step_end=callback_on_step_end,
@@ -768,11 +770,6 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         if not return_dict:
             return (images, lcg_images, crop, k)
         return DreamMixPipelineOutput(images=images, lcg_images=lcg_images, crop_box=crop, lcg_steps=k)
-
-
-class _NoTail:
-    def close(self) -> None:
-        pass
 
 
 def _resize(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
