@@ -391,8 +391,9 @@ def test_tas_in_context_uses_the_words_token_embeddings_of_the_context_prompt(ti
     start = found[-1]
 
     tiny_pipe._guidance_scale = 1.0  # no CFG batch: rows are the prompt only
-    embeds_ctx, _, pooled_ctx, _ = tiny_pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
-    embeds_alone, _, _, _ = tiny_pipe.encode_prompt(" ".join(words), device="cpu", do_classifier_free_guidance=False)
+    with torch.no_grad():
+        embeds_ctx, _, pooled_ctx, _ = tiny_pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+        embeds_alone, _, _, _ = tiny_pipe.encode_prompt(" ".join(words), device="cpu", do_classifier_free_guidance=False)
     in_context = embeds_ctx[0, start : start + len(word_ids)]  # the contextual embeddings
     alone = embeds_alone[0, 1 : 1 + len(word_ids)]
     assert not torch.allclose(in_context, alone, atol=1e-3)  # context changes them (causal attention)
