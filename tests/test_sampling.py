@@ -255,6 +255,39 @@ def test_base_tail_runs_the_last_steps_on_the_unpatched_base_without_adapter(foo
     assert not lora_layer.disable_adapters and unet.conv_in.head_enabled
 
 
+def test_base_tail_restores_bf16_weights_exactly_with_sparse_cpu_fixups(fooocus_pipe):
+    """In bf16, re-adding a delta does not always round back to the patched weight; those weights
+    are kept (on the CPU, few) so that leaving the tail is still bit-exact."""
+    from dreammix.models.fooocus import _patchable_parameters, fooocus_patch_deltas
+    from dreammix.sampling import BaseTail
+
+    pipe, _ = fooocus_pipe
+    unet = pipe.unet.to(torch.bfloat16)
+    patched = {k: p.detach().clone() for k, p in unet.state_dict().items()}
+    params = _patchable_parameters(unet)
+    tail = BaseTail(unet, first=0)
+    tail.before_step(0)
+    try:
+        total = sum(p.numel() for p in params.values())
+        kept = sum(index.numel() for index, _ in tail._fixups.values())
+        assert 0 < kept < 0.2 * total and all(i.device.type == "cpu" for i, _ in tail._fixups.values())
+        for key, delta in fooocus_patch_deltas(unet):  # the base: patched − delta, to bf16 rounding
+            expected = patched[_state_key(unet, key)].float() - delta
+            assert torch.allclose(params[key].float(), expected, rtol=1e-2, atol=1e-3), key
+    finally:
+        tail.close()
+    assert all(torch.equal(p, patched[n]) for n, p in unet.state_dict().items())
+
+
+def _state_key(unet, key):
+    """The state-dict name of a plain diffusers weight name (head wrapper / LoRA base layer)."""
+    names = set(unet.state_dict())
+    for candidate in (key, key.replace("conv_in.", "conv_in.conv."), key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]):
+        if candidate in names:
+            return candidate
+    raise KeyError(key)
+
+
 def test_base_tail_needs_the_fooocus_base(compose, files, tiny_pipe, monkeypatch):
     import dreammix.inpaint as inpaint
 

@@ -306,8 +306,9 @@ class BaseTail:
     quantized, from the patch file that built it), switches the inpaint head off (the base's own
     4-channel ``conv_in`` only, like Fooocus's refiner, which has no head) and disables the peft
     adapters. Leaving restores the patched weights *bit-exactly*: where re-adding a delta in the
-    weight's dtype does not land on the old value, that value was kept (a sparse handful).
-    No second UNet exists at any time.
+    weight's dtype does not land on the old value (none in float32; in bf16 a few % of the
+    weights, where the base's exponent is larger than the patched weight's and no base value
+    rounds back), that value is kept, sparse, in CPU memory. No second UNet exists at any time.
     """
 
     def __init__(self, unet: torch.nn.Module, first: int):
@@ -343,7 +344,8 @@ class BaseTail:
             back = (base.float() + d).to(w.dtype)
             wrong = (back != w).flatten().nonzero().squeeze(1)
             if wrong.numel():
-                self._fixups[key] = (wrong, w.flatten()[wrong].clone())
+                index = wrong.to(torch.int32) if w.numel() < 2**31 else wrong
+                self._fixups[key] = (index.cpu(), w.flatten()[wrong].cpu())
             w.copy_(base)
         self.unet.conv_in.head_enabled = False
         if getattr(self.unet, "peft_config", None):
@@ -360,7 +362,7 @@ class BaseTail:
             w.copy_((w.float() + delta.to(device=w.device, dtype=torch.float32)).to(w.dtype))
             if key in self._fixups:
                 index, values = self._fixups[key]
-                w.view(-1)[index] = values
+                w.view(-1)[index.to(device=w.device, dtype=torch.long)] = values.to(w.device)
         self._fixups.clear()
         self.unet.conv_in.head_enabled = True
         if self._adapters_were_enabled:
