@@ -103,6 +103,7 @@ def test_bad_regions_fail_before_the_model_loads(compose, files, runs, monkeypat
         ([f"regions=[{{mask:{files / 'dog.png'},prompt:x,lora:{files}}}]"], "has no pytorch_lora_weights"),
         ([f"regions=[{{mask:{files / 'dog.png'}}}]"], "region 0 has no prompt"),
         ([f"regions=[{{mask:{files / 'dog.png'},prompt:a}},{{mask:{files / 'dog.png'},prompt:b}}]"], "overlap in 720 pixels"),
+        ([_regions(files, dog, can), "sampler.sharpness=1"], "not supported with regions="),
     ]
     for overrides, match in cases:
         with pytest.raises(DreamMixError, match=match):

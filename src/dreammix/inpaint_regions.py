@@ -62,6 +62,21 @@ def regions_from_config(cfg: DictConfig, image_size: tuple[int, int]) -> list[Re
     return regions
 
 
+def _check_sampler(cfg: DictConfig) -> None:
+    """The public code's sampling knobs (``sampler.*``) run inside the single-subject call only;
+    refused here rather than silently ignored (scheduler and guidance scale do apply)."""
+    if cfg.get("sampler") is None:
+        return
+    import dataclasses
+
+    from dreammix.inpaint import sampler_spec
+    from dreammix.sampling import SamplerSpec
+
+    if dataclasses.replace(sampler_spec(cfg), name="default") != SamplerSpec():
+        raise DreamMixError("the sampler knobs (sharpness, size scale, start, base switch, TAS context, upscaler) "
+                            "are not supported with regions= yet; use sampler=default", "sampler")  # fmt: skip
+
+
 def run_inpaint_regions(cfg: DictConfig) -> list[Path]:
     """Inpaint every region of ``cfg.image``; write ``cfg.out`` (``<stem>_<i>.png`` for N images) and,
     with ``save_grid``, ``<stem>[_<i>]_grid.png``: input | all masks | LCG result | final."""
@@ -78,6 +93,7 @@ def run_inpaint_regions(cfg: DictConfig) -> list[Path]:
     lambda_ = config_value(cfg, "dif.lambda_", float)
     if cfg.scheduler not in (None, "default") and cfg.scheduler not in SCHEDULERS:
         raise DreamMixError(f"unknown scheduler {cfg.scheduler!r}; choose from default, {', '.join(SCHEDULERS)}", "scheduler")
+    _check_sampler(cfg)
     paths = output_paths(cfg.out, max(1, num_images))
     image = load_image(cfg.image)
     regions = regions_from_config(cfg, image.size)
