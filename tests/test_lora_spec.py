@@ -1,0 +1,43 @@
+"""LoraSpec's bounds and its peft config, checked against peft's own LoraConfig (no model needed)."""
+
+import pytest
+
+from dreammix.errors import DreamMixError
+from dreammix.models.lora import LoraSpec
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(rank=1), dict(alpha=1e-6), dict(dropout=0.0), dict(dropout=0.999), dict(target_modules=("to_q",))],
+)
+def test_lora_spec_accepts_the_edges_of_its_ranges(kwargs):
+    LoraSpec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,where",
+    [
+        (dict(rank=0), "lora.rank"),
+        (dict(alpha=0.0), "lora.alpha"),
+        (dict(alpha=-1.0), "lora.alpha"),
+        (dict(dropout=1.0), "lora.dropout"),
+        (dict(dropout=-0.01), "lora.dropout"),
+        (dict(target_modules=()), "lora.target_modules"),
+    ],
+)
+def test_lora_spec_refuses_values_outside_its_ranges(kwargs, where):
+    with pytest.raises(DreamMixError, match=where.replace(".", r"\.")):
+        LoraSpec(**kwargs)
+
+
+def test_lora_spec_builds_the_peft_config_it_describes():
+    """Paper §4.1: rank 4 on to_k/to_v by default; every field reaches peft unchanged, and the
+    adapter starts as the identity (gaussian A, zero B: peft's ``init_lora_weights="gaussian"``)."""
+    from peft import LoraConfig
+
+    assert LoraSpec() == LoraSpec(rank=4, alpha=4.0, dropout=0.0, target_modules=("to_k", "to_v"))
+    config = LoraSpec(rank=3, alpha=6.0, dropout=0.25, target_modules=("to_k", "to_out.0")).to_peft()
+    assert isinstance(config, LoraConfig)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (3, 6.0, 0.25)
+    assert set(config.target_modules) == {"to_k", "to_out.0"}
+    assert config.init_lora_weights == "gaussian"
