@@ -41,3 +41,29 @@ def test_lora_spec_builds_the_peft_config_it_describes():
     assert (config.r, config.lora_alpha, config.lora_dropout) == (3, 6.0, 0.25)
     assert set(config.target_modules) == {"to_k", "to_out.0"}
     assert config.init_lora_weights == "gaussian"
+
+
+def test_save_lora_replaces_an_earlier_export(tiny_model_dir, tmp_path):
+    """A second export into the same folder (training again into a run) replaces the first
+    atomically: the file holds the new weights and nothing is left beside it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from dreammix.models.lora import add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    spec = LoraSpec(rank=2, alpha=4.0)
+    add_lora(unet, spec)
+    saved = []
+    for value in (0.5, -2.0):
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(value)
+        path = save_lora(unet, tmp_path / "lora", spec)
+        assert path == tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+        saved.append(load_file(path))
+    b_keys = [k for k in saved[1] if "lora_B" in k or "lora.up" in k]
+    assert b_keys and all(torch.all(saved[1][k] == -2.0) for k in b_keys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
