@@ -43,8 +43,9 @@ def test_lora_spec_builds_the_peft_config_it_describes():
     assert config.init_lora_weights == "gaussian"
 
 
-def test_save_lora_replaces_an_earlier_export(tiny_model_dir, tmp_path):
-    """A second export into the same folder (training again into a run) replaces the first
+def test_add_lora_freezes_the_base_and_save_lora_replaces_an_earlier_export(tiny_model_dir, tmp_path):
+    """``add_lora`` leaves only the fp32 adapter trainable (even on a bf16 base); a second export
+    into the same folder (training again into a run) replaces the first
     atomically: the file holds the new weights and nothing is left beside it."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -52,9 +53,15 @@ def test_save_lora_replaces_an_earlier_export(tiny_model_dir, tmp_path):
 
     from dreammix.models.lora import add_lora, save_lora
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").to(torch.bfloat16)
     spec = LoraSpec(rank=2, alpha=4.0)
-    add_lora(unet, spec)
+    params = add_lora(unet, spec)
+    # add_lora itself freezes the base: exactly the returned (fp32) adapter weights train
+    trainable = {id(p) for p in unet.parameters() if p.requires_grad}
+    assert params and trainable == {id(p) for p in params}
+    assert all(p.dtype == torch.float32 for p in params)
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
+        n for n, _ in unet.named_parameters() if "lora_A" in n or "lora_B" in n}
     saved = []
     for value in (0.5, -2.0):
         with torch.no_grad():
