@@ -64,7 +64,10 @@ def entry(monkeypatch, tmp_path):
     """``entry("train.py", *args)`` → (exit code, stderr) of the real entry point, run in process
     from ``tmp_path`` (Hydra's ``outputs/`` lands there)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # the entry point sets it; restored after
+    # The entry point sets HYDRA_FULL_ERROR=1 in os.environ; setenv first so that monkeypatch
+    # records the original state and removes it again (delenv alone records nothing when unset).
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
     monkeypatch.setenv("WANDB_MODE", "offline")
 
     def run(script: str, *args: str) -> tuple[int, str]:
