@@ -798,3 +798,19 @@ def test_the_real_entry_point_refuses_a_secret_before_writing(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert_one_line_error(result.returncode, result.stderr, "secrets are not accepted on the command line")
     assert "SECRET" not in result.stdout + result.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_run_folder_of_someone_elses_is_refused(entry, tmp_path, subject, sibling, monkeypatch, script):
+    """``run_dir=<a user's folder>``: train would replace its ``lora/``, eval write ``images/`` and
+    ``summary.json`` there; both refuse a non-empty folder that is not one of their runs."""
+    monkeypatch.setattr("dreammix.train.load_pipeline", boom)
+    args = {
+        "train.py": [*TRAIN_FAST, *subject_args(subject)],
+        "eval.py": ["model=tiny", "logger=none", "lora_dir=null", f"manifest={_one_case_manifest(tmp_path)}",
+                    "subject=custom", "subject.name=thing", "subject.class_noun=thing", f"subject.image_dir={subject.image_dir}"],
+    }[script]
+    before = snapshot(sibling)
+    code, err = entry(script, *args, f"run_dir={sibling}")
+    assert_one_line_error(code, err, "is not empty and is not a")
+    assert snapshot(sibling) == before

@@ -43,7 +43,7 @@ from dreammix.benchmark.records import RecordLog
 from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.validation import check_lora_file
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
@@ -593,6 +593,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
+    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME), "an evaluation run", "run_dir")
     ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,

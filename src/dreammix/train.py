@@ -28,7 +28,7 @@ from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
 from dreammix.guards import FiniteGuard
 from dreammix.interrupt import InterruptCheckpoint
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.preflight import check_before_loading
 from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
@@ -151,6 +151,7 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
+    check_own_folder(cfg.run_dir, ("checkpoints", "lora", "samples"), "a training run", "run_dir")  # lora/ is replaced
     run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
