@@ -82,6 +82,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
+        weighting=str(cfg.loss.get("weighting", "squared_error")),
     )
     lora = LoraSpec(
         rank=config_value(cfg, "lora.rank", int), alpha=config_value(cfg, "lora.alpha", float),
