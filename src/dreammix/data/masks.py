@@ -142,11 +142,13 @@ def bezier_blob_mask(
 
 def fill_polygon(points: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Rasterise a closed polygon ``(n, 2)`` of pixel-centre ``(x, y)`` points into an ``(H, W)``
-    {0, 1} mask, outline pixels included."""
+    {0, 1} mask, outline pixels included. Points are rounded to the nearest pixel first: a point on
+    the far side of an integer line stays on that side (or on it), and float noise such as 20.9999
+    cannot spill a row beyond a straight edge."""
     from PIL import Image, ImageDraw
 
     h, w = size
     canvas = Image.new("L", (w, h), 0)
-    xy = [(float(x), float(y)) for x, y in points.tolist()]
+    xy = [(int(x), int(y)) for x, y in points.round().tolist()]
     ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
     return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(h, w).float()

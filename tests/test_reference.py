@@ -1,0 +1,332 @@
+"""The public code's training knobs (`experiment=reference`), each against hand-computed values,
+and the reference preset end to end on the tiny Fooocus base.
+
+Each knob is a named config value that defaults to the paper text's behaviour and switches alone:
+`loss.weighting`, `trainer.accumulate_grad_batches` / `max_steps`, `data.mask_mode` (+`blob_grow`),
+`data.crop`, `data.vae_latents`, `lora.target_modules`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreammix.data.frozen import FrozenInputEncoder, InputOptions, encode_examples, random_crop_resize
+from dreammix.data.masks import bezier_blob_mask, bounding_box, box_mask, quadratic_bezier
+from dreammix.data.subjects import MaskedImage
+from dreammix.errors import DreamMixError
+from dreammix.losses import reweighted_mse
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: The knobs of experiment=reference and what the paper-text defaults are.
+PAPER = {"loss.weighting": "squared_error", "trainer.accumulate_grad_batches": 1, "data.mask_mode": "augment",
+         "data.crop": "center", "data.vae_latents": "mean", "lora.target_modules": ["to_k", "to_v"],
+         "loss.tau_out": 0.7, "data.mask_variants": 4, "data.regular_mask_variants": 1}  # fmt: skip
+REFERENCE = {"loss.weighting": "pred_and_target", "trainer.accumulate_grad_batches": 4, "data.mask_mode": "blob",
+             "data.crop": "random", "data.vae_latents": "sample", "lora.target_modules": ["to_k", "to_v", "to_out.0"],
+             "loss.tau_out": 0.6, "data.mask_variants": 10, "data.regular_mask_variants": 3}  # fmt: skip
+
+
+def _get(cfg, key):
+    from omegaconf import ListConfig, OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def test_reference_experiment_sets_every_knob_and_defaults_are_the_paper_text(compose):
+    paper = compose("train", ["run_dir=/tmp/x"])
+    reference = compose("train", ["experiment=reference", "run_dir=/tmp/x"])
+    for key in PAPER:
+        assert _get(paper, key) == PAPER[key], key
+        assert _get(reference, key) == REFERENCE[key], key
+    assert reference.trainer.max_steps == 1000 and reference.loss.regular_mode == "sampled" and reference.loss.regular_prob == 0.3
+    assert list(reference.data.blob_grow) == [0.1, 1.0] and reference.lora.alpha == reference.lora.rank == 4
+    # each knob alone: one override changes that value and nothing else of the reference set
+    for key, value in (("data.crop", "random"), ("data.vae_latents", "sample"), ("data.mask_mode", "blob")):
+        alone = compose("train", [f"{key}={value}", "run_dir=/tmp/x"])
+        assert _get(alone, key) == value
+        assert all(_get(alone, k) == PAPER[k] for k in PAPER if k != key)
+    assert compose("train", ["loss=reference", "run_dir=/tmp/x"]).loss.weighting == "pred_and_target"
+    # the DreamBooth variant of the public code keeps every data knob, unit weights, no regular data
+    db = compose("train", ["experiment=reference_dreambooth", "run_dir=/tmp/x"])
+    assert (db.loss.tau_in, db.loss.tau_out, db.loss.beta) == (1.0, 1.0, 0.0) and db.data.mask_mode == "blob"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("data.crop=middle", "crop must be one of"), ("data.vae_latents=mode", "vae_latents must be one of"),
+     ("data.mask_mode=box", "mask_mode must be one of"), ("data.blob_grow=[1.0,0.1]", "blob_grow"),
+     ("loss.weighting=squared", "weighting must be one of"), ("data.regular_mask_variants=0", "regular_mask_variants")],
+)  # fmt: skip
+def test_bad_reference_knobs_are_one_line_errors(compose, override, message):
+    from dreammix.train import train_specs
+
+    with pytest.raises(DreamMixError, match=message):
+        train_specs(compose("train", ["model=tiny", override, "run_dir=/tmp/x", "subject.image_dir=/"]))
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+
+def test_reference_loss_is_mean_of_weighted_prediction_minus_weighted_target_by_hand():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.tensor([[[[0.0, 1.0], [1.0, 2.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    # w = 1.5, 0.6, 0.6, 1.5; (w·p − w·t)² = (1.5)², (0.6)², (1.2)², (3)² = 2.25, 0.36, 1.44, 9
+    expected = (2.25 + 0.36 + 1.44 + 9.0) / 4
+    assert reweighted_mse(pred, target, mask, 1.5, 0.6, weighting="pred_and_target").item() == pytest.approx(expected)
+    # the paper's Eq. 7 on the same numbers: w·(p − t)² = 1.5, 0.6, 2.4, 6
+    assert reweighted_mse(pred, target, mask, 1.5, 0.6).item() == pytest.approx((1.5 + 0.6 + 2.4 + 6.0) / 4)
+    with pytest.raises(ValueError, match="weighting"):
+        reweighted_mse(pred, target, mask, weighting="nope")
+
+
+def test_training_step_uses_the_configured_weighting(tiny_model_dir):
+    """The module's source loss under loss=reference values, recomputed from the UNet's own input and
+    output: ε from x_t = sqrt(ᾱ)x0 + sqrt(1−ᾱ)ε, then mean((w·ε̂ − w·ε)²) with w = 1.5 / 0.6."""
+    from test_train import _module_and_batch
+
+    from dreammix.module import LossSpec
+
+    spec = LossSpec(tau_in=1.5, tau_out=0.6, beta=0.0, weighting="pred_and_target")
+    module, batch = _module_and_batch(tiny_model_dir, spec)
+    seen = []
+    handle = module.unet.register_forward_hook(lambda _m, args, _k, out: seen.append((args[0].double(), args[1], out[0].double())), with_kwargs=True)
+    with torch.no_grad():
+        losses = module.compute_losses(batch)
+    handle.remove()
+    ((sample, t, pred),) = seen
+    cfg = module.noise_scheduler.config
+    betas = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=np.float64) ** 2
+    abar = torch.from_numpy(np.cumprod(1.0 - betas))[t.long()].view(-1, 1, 1, 1)
+    eps = (sample[:, :4] - abar.sqrt() * batch["source"]["latents"].double()) / (1 - abar).sqrt()
+    w = torch.where(batch["source"]["mask"] > 0.5, 1.5, 0.6).double()
+    expected = ((w * pred - w * eps) ** 2).mean().item()
+    assert losses["loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert losses["loss"].item() != pytest.approx((w * (pred - eps) ** 2).mean().item(), rel=1e-3)
+
+
+# ---- Bézier blobs ----------------------------------------------------------------------------
+
+
+def _disc(h=64, w=64, cy=30, cx=25, r=10):
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r).float()
+
+
+def test_quadratic_bezier_by_hand():
+    p0, p1, p2 = torch.tensor([0.0, 0.0]), torch.tensor([2.0, 4.0]), torch.tensor([4.0, 0.0])
+    # t = 0, 0.5, 1: p0, 0.25·p0 + 0.5·p1 + 0.25·p2 = (2, 2), p2
+    assert quadratic_bezier(p0, p1, p2, 3).tolist() == [[0.0, 0.0], [2.0, 2.0], [4.0, 0.0]]
+
+
+def test_blob_masks_cover_the_box_stay_in_the_grown_box_and_differ_from_the_silhouette():
+    silhouette = _disc()
+    top, left, bottom, right = bounding_box(silhouette)
+    h, w = bottom - top, right - left
+    g = torch.Generator().manual_seed(0)
+    sizes = set()
+    for _ in range(40):
+        blob = bezier_blob_mask(silhouette, (0.1, 1.0), g)
+        assert set(blob.unique().tolist()) <= {0.0, 1.0}
+        assert blob[top:bottom, left:right].min() == 1  # the whole box
+        assert (blob * silhouette).sum() == silhouette.sum()  # so the whole object
+        assert (blob - silhouette).sum() > 0.25 * silhouette.sum()  # not the silhouette
+        # inside the box grown by the largest ratio (1.0 · box size per side)
+        bt, bl, bb, br = bounding_box(blob)
+        assert bt >= top - h and bl >= left - w and bb <= bottom + h and br <= right + w
+        sizes.add(int(blob.sum()))
+    assert len(sizes) > 30  # random: no two alike (almost)
+
+
+def test_blob_growth_follows_blob_grow():
+    silhouette = _disc()
+    top, left, bottom, right = bounding_box(silhouette)
+    g = torch.Generator().manual_seed(1)
+    # no growth: every control point on the box, the blob is exactly the box
+    assert torch.equal(bezier_blob_mask(silhouette, (0.0, 0.0), g), box_mask(silhouette, 0))
+    # growth 1.0: each side's curve is pulled to the grown side, so reaches at least half way out
+    h = bottom - top
+    for _ in range(10):
+        bt, bl, bb, br = bounding_box(bezier_blob_mask(silhouette, (1.0, 1.0), g))
+        assert bt <= top - h // 2 + 1 and bb >= bottom + h // 2 - 1
+    assert bezier_blob_mask(torch.zeros(16, 16), (0.1, 1.0), g).sum() == 0  # no object, no blob
+
+
+def test_blob_mode_masks_every_cached_variant(tmp_path, tiny_fooocus_pipe):
+    """mask_mode=blob: no variant is the silhouette (variant 0 included), each covers the box."""
+    from dreammix.losses import latent_mask
+
+    disc = _disc()
+    example = MaskedImage(image=Image.new("RGB", (64, 64), (90, 120, 30)), mask=disc.numpy(), path=tmp_path / "x.png")
+    encoder = FrozenInputEncoder(tiny_fooocus_pipe)
+    cached = encode_examples([example], ["a photo of sks thing"], encoder, 64, variants=3, options=InputOptions(mask_mode="blob"))
+    plain = encode_examples([example], ["a photo of sks thing"], encoder, 64, variants=3)
+    silhouette = latent_mask(disc[None, None])[0]
+    box = latent_mask(box_mask(disc, 0)[None, None])[0]
+    assert torch.equal(plain.masks[0], silhouette)
+    for m in cached.masks:
+        assert not torch.equal(m, silhouette) and (m * box).sum() == box.sum()
+
+
+# ---- random crops and time ids ----------------------------------------------------------------
+
+
+def test_random_crop_time_ids_carry_the_crop_offset_and_original_size(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)  # H 64, W 128
+    mask = np.zeros((64, 128), np.float32)
+    mask[20:40, 50:90] = 1
+    example = MaskedImage(image=Image.fromarray(pixels), mask=mask, path=tmp_path / "x.png")
+    g = torch.Generator().manual_seed(0)
+    offsets = set()
+    for _ in range(12):
+        crop, cmask, time_ids = random_crop_resize(example, 32, g)
+        # short side 64 → 32: the image is resized to 64 × 32, the crop is 32 × 32 at (0, left)
+        top, left = int(time_ids[2]), int(time_ids[3])
+        assert time_ids.tolist() == [64.0, 128.0, top, left, 32.0, 32.0] and top == 0 and 0 <= left <= 32
+        resized = Image.fromarray(pixels).resize((64, 32), Image.BICUBIC).crop((left, 0, left + 32, 32))
+        assert torch.equal(crop, torch.from_numpy(np.asarray(resized, np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
+        expected_mask = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((64, 32), Image.NEAREST))[:, left : left + 32]
+        assert torch.equal(cmask, torch.from_numpy((expected_mask >= 128).astype(np.float32)))
+        offsets.add(left)
+    assert len(offsets) > 4
+
+
+def test_cached_items_carry_their_own_time_ids(tmp_path, tiny_fooocus_pipe):
+    rng = np.random.default_rng(1)
+    mask = np.zeros((64, 128), np.float32)
+    mask[16:48, 40:80] = 1
+    example = MaskedImage(image=Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)), mask=mask, path=tmp_path / "x.png")
+    encoder = FrozenInputEncoder(tiny_fooocus_pipe)
+    cached = encode_examples([example], ["a photo of sks thing"], encoder, 64, variants=6, options=InputOptions(crop="random"))
+    batch = cached.batch(torch.arange(6))
+    lefts = batch["time_ids"][:, 3]
+    assert batch["time_ids"][:, [0, 1, 2, 4, 5]].tolist() == [[64.0, 128.0, 0.0, 64.0, 64.0]] * 6
+    assert len(set(lefts.tolist())) > 1
+    # each item's clean latents are its own crop's: two items with different offsets differ
+    other = int(torch.nonzero(lefts != lefts[0])[0])
+    assert not torch.allclose(batch["latents"][0], batch["latents"][other])
+    centre = encode_examples([example], ["a photo of sks thing"], encoder, 64, variants=2)
+    assert centre.batch(torch.arange(2))["time_ids"].tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2
+
+
+# ---- sampled VAE latents ----------------------------------------------------------------------
+
+
+def test_sampled_latents_are_posterior_draws(tiny_fooocus_pipe):
+    """sample = mean + std·ε, scaled like the mean: (sample − mean)/(std·scale) is standard normal,
+    with mean and std read from the VAE's own posterior (diffusers' DiagonalGaussianDistribution)."""
+    encoder = FrozenInputEncoder(tiny_fooocus_pipe)
+    vae = tiny_fooocus_pipe.vae
+    pixels = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = encoder.encode_images(pixels)
+    sample = encoder.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(5))
+    again = encoder.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(5))
+    other = encoder.encode_images(pixels, sample=True, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    scale = vae.config.scaling_factor
+    assert torch.allclose(mean, posterior.mean * scale, atol=1e-5)
+    z = (sample - mean) / (posterior.std * scale)
+    assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1.0) < 0.1 and z.numel() >= 2000
+    assert torch.equal(sample, again) and not torch.allclose(sample, other)
+
+
+def test_sampled_latents_give_each_cached_item_its_own_draw(tmp_path, tiny_fooocus_pipe):
+    example = MaskedImage(image=Image.new("RGB", (64, 64), (10, 200, 90)), mask=_disc().numpy(), path=tmp_path / "x.png")
+    encoder = FrozenInputEncoder(tiny_fooocus_pipe)
+    cached = encode_examples([example], ["p"], encoder, 64, variants=3, options=InputOptions(vae_latents="sample"))
+    batch = cached.batch(torch.arange(3))
+    assert not torch.allclose(batch["latents"][0], batch["latents"][1])
+    plain = encode_examples([example], ["p"], encoder, 64, variants=3).batch(torch.arange(3))
+    assert torch.equal(plain["latents"][0], plain["latents"][1])  # the mean: shared by the variants
+
+
+# ---- accumulation + end to end --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_fooocus_pipe(_session_cache):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+    from dreammix.models.loading import load_pipeline, model_spec_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["model=tiny_fooocus", "run_dir=/tmp/x"])
+    return load_pipeline(model_spec_from_config(cfg.model))
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    from test_data import make_subject
+
+    return make_subject(tmp_path_factory.mktemp("subject"), n=2)
+
+
+def _train_overrides(tmp_path, subject, *extra):
+    return [
+        "model=tiny_fooocus", "logger=none", "subject=custom", f"run_dir={tmp_path / 'run'}",
+        "subject.name=thing", "subject.class_noun=thing", f"subject.image_dir={subject.image_dir}",
+        f"subject.mask_dir={subject.mask_dir}", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false", "validation.every_n_steps=0", "checkpoint.every_n_steps=0", *extra,
+    ]
+
+
+def test_reference_training_accumulates_four_micro_batches_per_step_then_inpaints(compose, tmp_path, subject, monkeypatch):
+    """experiment=reference on the tiny Fooocus base: 2 optimizer steps = 8 micro-batches (Lightning's
+    max_steps counts optimizer steps, so the preset's 1,000 are 4,000 micro-batches), every knob in
+    the run's inputs, then the LoRA (with to_out.0) inpaints through src/inpaint.py's run_inpaint."""
+    from test_data import make_regular
+
+    import dreammix.module as module_mod
+    from dreammix.train import train
+
+    steps, positions = [], []  # per micro-batch: optimizer steps done before it, its stream position
+    real_step = module_mod.DreamMixLoRAModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        steps.append(self.trainer.global_step)
+        positions.append(int(batch["source"]["position"][0]))
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_mod.DreamMixLoRAModule, "training_step", training_step)
+    reg = make_regular(tmp_path / "reg", n=2)
+    cfg = compose("train", _train_overrides(tmp_path, subject, "experiment=reference", "trainer.max_steps=2",
+                                            f"data.regular_dir={reg}", "data.mask_variants=3"))  # fmt: skip
+    assert cfg.trainer.accumulate_grad_batches == 4
+    run_dir = train(cfg)
+    assert steps == [0, 0, 0, 0, 1, 1, 1, 1]  # an optimizer step after every 4th micro-batch
+    assert positions == list(range(8))  # 8 distinct micro-batches of the stream
+    info = json.loads((run_dir / "lora" / "dreammix_run.json").read_text())
+    assert info["steps"] == 2 and info["lora"]["target_modules"] == ["to_k", "to_v", "to_out.0"]
+    assert info["loss"]["weighting"] == "pred_and_target"
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(".to_out.0.lora" in k for k in weights) and any(".to_k.lora" in k for k in weights)
+
+    from dreammix.inpaint import run_inpaint
+
+    image = tmp_path / "bg.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    icfg = compose("inpaint", ["model=tiny_fooocus", f"image={image}", f"mask={tmp_path / 'm.png'}", "prompt=a sks red thing",
+                               f"lora={run_dir / 'lora'}", "steps=2", "device=cpu", "progress=false", "tas.eliminate=[blue]",
+                               f"run_dir={tmp_path / 'inpaint'}", "dif.lambda_=0.6667", "tas.stages=[local]"])  # fmt: skip
+    (out,) = run_inpaint(icfg)
+    result = np.asarray(Image.open(out))
+    assert result.shape == (64, 64, 3)
+    assert np.array_equal(result[:4], np.asarray(Image.open(image))[:4])  # far from the mask: the input
