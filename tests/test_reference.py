@@ -330,3 +330,72 @@ def test_reference_training_accumulates_four_micro_batches_per_step_then_inpaint
     result = np.asarray(Image.open(out))
     assert result.shape == (64, 64, 3)
     assert np.array_equal(result[:4], np.asarray(Image.open(image))[:4])  # far from the mask: the input
+
+
+# ---- the benchmark's reference preset ---------------------------------------------------------
+
+
+def test_unknown_preset_is_one_line_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(REPO_ROOT / "src" / "benchmark.py"), "bench=tiny", f"bench.root={tmp_path / 'bench'}", "preset=nope"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Could not find 'preset/nope'" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["preset=reference", "bench.overrides=['model=tiny','logger=none']"], "preset 'reference' needs a Fooocus base"),
+     (["preset=reference", "preset.train_experiments.dif=nope"], "unknown training experiment 'nope' for row 'dif'")],
+)  # fmt: skip
+def test_preset_that_cannot_run_is_refused_before_any_work(compose, tmp_path, args, message):
+    """The reference preset on a base without the Fooocus patch, or naming a missing experiment:
+    a DreamMixError (one line, exit 2 from src/benchmark.py) before anything is built or written."""
+    from dreammix.benchmark.run import run_benchmark
+
+    cfg = compose("benchmark_run", ["bench=tiny", f"bench.root={tmp_path / 'bench'}", f"run_dir={tmp_path / 'r'}", *args])
+    with pytest.raises(DreamMixError, match=message):
+        run_benchmark(cfg)
+    assert not (tmp_path / "bench").exists()
+
+
+TINY_TRAIN = ["trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+              "validation.every_n_steps=0", "checkpoint.every_n_steps=0", "data.mask_variants=2", "data.regular_mask_variants=1"]
+
+
+def _hydra_list(items):
+    return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_reference_preset_end_to_end(compose, shared_data, tmp_path):
+    """`make benchmark BENCH=tiny PRESET=reference`: the public code's training for every row (its
+    DreamBooth variant for Baseline/+DIF/++TAS, experiment=reference for ++ADM) on the tiny Fooocus
+    base, its own folder and tables, naming base and preset, beside the paper's numbers."""
+    from dreammix.benchmark.run import run_benchmark
+
+    root = tmp_path / "bench"
+    cfg = compose("benchmark_run", ["bench=tiny", "preset=reference", f"bench.shared_data={shared_data}", f"bench.root={root}",
+                                    f"run_dir={tmp_path / 'r'}", "bench.subjects=[can]", "bench.real_images=false",
+                                    "bench.train_overrides=" + _hydra_list(TINY_TRAIN)])  # fmt: skip
+    result = run_benchmark(cfg)
+    assert result.out_dir == root / "reference"
+    assert sorted(result.trained) == ["tau1-1_beta0_pred_and_target/can", "tau1.5-0.6_beta1_sampled0.3_pred_and_target/can"]
+    info = json.loads((root / "reference" / "loras" / "tau1.5-0.6_beta1_sampled0.3_pred_and_target" / "can" / "lora"
+                       / "dreammix_run.json").read_text())  # fmt: skip
+    assert info["lora"]["target_modules"] == ["to_k", "to_v", "to_out.0"]
+    results = json.loads(result.results.read_text())
+    assert results["preset"] == "reference" and results["train_experiments"]["dif_tas_adm"] == "reference"
+    settings = json.loads((root / "reference" / "eval" / "dif_tas" / "can" / "settings.json").read_text())
+    assert settings["generation"]["tas"]["stages"] == ["local"]  # the public code's TAS
+    table3 = result.table3.read_text()
+    assert "preset `reference`" in table3 and "Base model `tiny_fooocus`" in table3
+    assert any(line.startswith("| ++ADM |") and "| 0.285 |" in line for line in table3.splitlines())
