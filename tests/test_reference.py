@@ -399,3 +399,51 @@ def test_tiny_benchmark_reference_preset_end_to_end(compose, shared_data, tmp_pa
     table3 = result.table3.read_text()
     assert "preset `reference`" in table3 and "Base model `tiny_fooocus`" in table3
     assert any(line.startswith("| ++ADM |") and "| 0.285 |" in line for line in table3.splitlines())
+
+
+# ---- DreamBooth with class-prior preservation (Eq. 2) -----------------------------------------
+
+
+def test_dreambooth_prior_generates_class_images_then_trains_with_the_prior_term(compose, tmp_path, subject, monkeypatch):
+    """experiment=dreambooth_prior: ADM writes class-prompt images with exact masks into their own
+    cache (no attribute dictionary needed), training pairs every source batch with a class batch and
+    L = L_source + β·L_class with the configured β."""
+    import dreammix.module as module_mod
+    from dreammix.adm import read_manifest, run_adm
+    from dreammix.train import train
+
+    adm_dir = tmp_path / "adm"
+    acfg = compose("adm", ["model=tiny_fooocus", "logger=none", "subject=custom", "subject.name=thing", "subject.class_noun=thing",
+                           f"subject.image_dir={subject.image_dir}", "experiment=dreambooth_prior", f"paths.adm_dir={adm_dir}",
+                           "adm.num_prompts=2", "adm.resolution=64", "adm.num_inference_steps=2", "adm.guidance_scale=1.0",
+                           "adm.device=cpu", f"run_dir={tmp_path / 'adm_run'}"])  # fmt: skip
+    assert acfg.subject.attributes == {}  # a custom subject without a dictionary: fine for class images
+    out = run_adm(acfg)
+    assert out == adm_dir / "thing_class_prior"
+    entries = read_manifest(out)
+    assert [e["prompt"] for e in entries] == ["a photo of thing"] * 2
+    for e in entries:
+        mask = np.asarray(Image.open(out / e["mask"]))
+        assert mask.any() and Image.open(out / e["image"]).size == mask.shape[::-1]
+
+    seen = []
+    real = module_mod.DreamMixLoRAModule.compute_losses
+    monkeypatch.setattr(module_mod.DreamMixLoRAModule, "compute_losses",
+                        lambda self, batch: seen.append(real(self, batch)) or seen[-1])  # fmt: skip
+    cfg = compose("train", _train_overrides(tmp_path, subject, "experiment=dreambooth_prior", f"paths.adm_dir={adm_dir}",
+                                            "trainer.max_steps=2", "loss.beta=0.5", "data.mask_variants=1"))  # fmt: skip
+    assert cfg.data.regular_dir == str(out) and (cfg.loss.tau_in, cfg.loss.tau_out) == (1.0, 1.0)
+    train(cfg)
+    assert len(seen) == 2
+    for losses in seen:
+        assert set(losses) == {"loss", "loss_source", "loss_regular"}
+        assert losses["loss"].item() == pytest.approx(losses["loss_source"].item() + 0.5 * losses["loss_regular"].item(), rel=1e-5)
+
+
+def test_dreambooth_prior_needs_its_class_images(compose, tmp_path, subject):
+    from dreammix.train import train
+
+    cfg = compose("train", _train_overrides(tmp_path, subject, "experiment=dreambooth_prior", f"paths.adm_dir={tmp_path / 'none'}",
+                                            "trainer.max_steps=1"))  # fmt: skip
+    with pytest.raises(DreamMixError, match="no regular data .*thing_class_prior"):
+        train(cfg)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 TASK_TITLES = {"identity": "Identity preservation", "attribute": "Attribute editing"}
 METRIC_TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
 #: Row labels of the paper's Table 3, by experiment name.
-ROW_LABELS = {"baseline": "Baseline", "dif": "+DIF", "dif_tas": "++TAS", "dif_tas_adm": "++ADM"}
+ROW_LABELS = {"baseline": "Baseline", "dif": "+DIF", "dif_tas": "++TAS", "dif_tas_adm": "++ADM",
+              "dreambooth_prior": "Baseline (DreamBooth + class prior, Eq. 2)"}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -134,14 +134,18 @@ def ensure_manifest(bench: DictConfig, ov: dict[str, list[str]], conf_dir: Path 
     return manifest
 
 
-def ensure_regular_set(subject: str, regular_dir: Path, out: Path, ov: dict[str, list[str]], conf_dir: Path | None) -> bool:
-    """Run ADM for ``subject`` unless ``regular_dir`` already holds ``adm.num_prompts`` items."""
+def ensure_regular_set(
+    subject: str, regular_dir: Path, out: Path, ov: dict[str, list[str]], conf_dir: Path | None, experiment: str | None = None
+) -> bool:
+    """Run ADM for ``subject`` unless ``regular_dir`` already holds ``adm.num_prompts`` items.
+    ``experiment`` picks the kind of set (``dreambooth_prior``: class-prior images, Eq. 2)."""
     from dreammix.adm import read_manifest as read_regular, run_adm
 
     cfg = compose_config(
         "adm",
         [*ov["paths_overrides"], *ov["overrides"], *ov["adm_overrides"], kv("subject", subject),
-         kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / subject)],
+         kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / regular_dir.name),
+         *([kv("experiment", experiment)] if experiment else [])],
         conf_dir,
     )  # fmt: skip
     have = len(read_regular(regular_dir))  # 0 without a manifest
@@ -166,7 +170,7 @@ def ensure_lora(
     if (lora / RUN_INFO_NAME).is_file() and (lora / LORA_WEIGHTS_NAME).is_file():
         return lora
     if float(probe.loss.beta) > 0 and bool(bench.get("adm", True)):
-        if ensure_regular_set(subject, Path(str(probe.data.regular_dir)), out, ov, conf_dir):
+        if ensure_regular_set(subject, Path(str(probe.data.regular_dir)), out, ov, conf_dir, experiment):
             result.adm_built.append(subject)
     resume = run_dir / "checkpoints" / "last.ckpt"
     extra = [kv("ckpt_path", resume)] if resume.is_file() else []
