@@ -87,6 +87,7 @@ def test_tiny_benchmark_chain_end_to_end_and_rerun_redoes_nothing(compose, share
     for table in (table1, table3):
         assert "Base model `tiny_fooocus`" in table and "inpaint_v26.fooocus.patch" in table and "preset `paper`" in table
     assert results["preset"] == "paper" and results["base_model"]["name"] == "tiny_fooocus"
+    assert "published FID of the DreamMix (paper) row is unverified" in table1
     # records of a row are those of its evaluation runs, once each
     runs = results["rows"]["dif_tas_adm"]["runs"]
     lines = [json.loads(l) for s in ("can", "dog") for l in (out / "eval" / "dif_tas_adm" / s / "records.jsonl").read_text().splitlines()]

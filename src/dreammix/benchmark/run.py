@@ -320,6 +320,9 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
         + (" (colour statistics, not comparable with published FID)." if str(report_cfg.fid_extractor) != "inception" else ".")
         if extractor is not None else "FID: not computed (bench.fid=false)."
     )  # fmt: skip
+    if any("fid" in (v or {}) for v in ((paper.get("table1") or {}).get("dreammix") or {}).values()):
+        fid_note += (" The published FID of the DreamMix (paper) row is unverified: the paper text we reproduce from"
+                     " has numbers for Table 3 only (CLIP-T / CLIP-I / DINO, equal to its ++ADM row).")
     table1_row = str(bench.get("table1_experiment", "dif_tas_adm"))
     atomic_write_bytes(result.table3, table3_markdown(rows, paper.get("table3") or {}, experiments, note=note).encode("utf-8"))
     atomic_write_bytes(
