@@ -310,7 +310,9 @@ def test_reference_training_accumulates_four_micro_batches_per_step_then_inpaint
     assert positions == list(range(8))  # 8 distinct micro-batches of the stream
     info = json.loads((run_dir / "lora" / "dreammix_run.json").read_text())
     assert info["steps"] == 2 and info["lora"]["target_modules"] == ["to_k", "to_v", "to_out.0"]
-    assert info["loss"]["weighting"] == "pred_and_target"
+    assert info["loss"]["weighting"] == "pred_and_target" and info["accumulate_grad_batches"] == 4
+    assert info["inputs"] == {"crop": "random", "vae_latents": "sample", "mask_mode": "blob", "blob_grow": [0.1, 1.0],
+                              "mask_variants": 3, "regular_mask_variants": 3}  # fmt: skip
     from safetensors.torch import load_file
 
     weights = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
@@ -447,3 +449,27 @@ def test_dreambooth_prior_needs_its_class_images(compose, tmp_path, subject):
                                             "trainer.max_steps=1"))  # fmt: skip
     with pytest.raises(DreamMixError, match="no regular data .*thing_class_prior"):
         train(cfg)
+
+
+def test_full_benchmark_runs_on_the_fooocus_base_and_each_preset_has_its_folder(compose):
+    """bench=full composes every chain step on model=fooocus (the paper's base), and the presets
+    write to their own folders with their own training experiments."""
+    from dreammix.benchmark.presets import BenchPreset
+    from dreammix.benchmark.run import _lists, loss_variant
+
+    for preset in ("paper", "reference"):
+        cfg = compose("benchmark_run", ["bench=full", f"preset={preset}", "run_dir=/tmp/x"])
+        assert cfg.bench.out_dir == f"outputs/benchmark/{preset}"
+        ov = _lists(cfg.bench)
+        for name in ("train", "eval", "adm"):
+            extra = ["lora_dir=null"] if name == "eval" else []
+            step = compose(name, [*ov["paths_overrides"], *ov["overrides"], "run_dir=/tmp/x", *extra])
+            assert step.model.name == "fooocus" and step.model.patch_file == "inpaint_v26.fooocus.patch"
+    reference = BenchPreset.from_config(compose("benchmark_run", ["preset=reference", "run_dir=/tmp/x"]).preset)
+    assert [reference.train_experiment(r) for r in ("baseline", "dif", "dif_tas", "dif_tas_adm")] == \
+        ["reference_dreambooth"] * 3 + ["reference"]  # fmt: skip
+    paper = BenchPreset.from_config(compose("benchmark_run", ["run_dir=/tmp/x"]).preset)
+    assert paper.name == "paper" and paper.train_experiment("dif") == "dif" and BenchPreset.from_config(None) == BenchPreset()
+    # LoRA folders tell the variants apart, the public code's squared weights included
+    names = {e: loss_variant(compose("train", [f"experiment={e}", "run_dir=/tmp/x"]).loss) for e in ("reference", "reference_dreambooth")}
+    assert names == {"reference": "tau1.5-0.6_beta1_sampled0.3_pred_and_target", "reference_dreambooth": "tau1-1_beta0_pred_and_target"}
