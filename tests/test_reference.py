@@ -473,3 +473,15 @@ def test_full_benchmark_runs_on_the_fooocus_base_and_each_preset_has_its_folder(
     # LoRA folders tell the variants apart, the public code's squared weights included
     names = {e: loss_variant(compose("train", [f"experiment={e}", "run_dir=/tmp/x"]).loss) for e in ("reference", "reference_dreambooth")}
     assert names == {"reference": "tau1.5-0.6_beta1_sampled0.3_pred_and_target", "reference_dreambooth": "tau1-1_beta0_pred_and_target"}
+
+
+def test_adm_identifier_gives_the_section_3_3_template():
+    """adm.identifier=sks: "a sks [attributes] [class name] [attributes]"; default: no identifier."""
+    import re
+
+    from dreammix.attributes import compose_prompts
+
+    can = {"color": ["blue", "silver"], "material": ["aluminum"], "accessories": ["pull tab"]}
+    with_id = compose_prompts(can, "can", 12, seed=0, identifier="sks")
+    assert all(re.fullmatch(r"a sks( (blue|silver|aluminum))+ can( with a pull tab| with pull tab)?", p) for p in with_id), with_id
+    assert not any("sks" in p for p in compose_prompts(can, "can", 12, seed=0))
