@@ -394,6 +394,11 @@ def test_tiny_benchmark_reference_preset_end_to_end(compose, shared_data, tmp_pa
     info = json.loads((root / "reference" / "loras" / "tau1.5-0.6_beta1_sampled0.3_pred_and_target" / "can" / "lora"
                        / "dreammix_run.json").read_text())  # fmt: skip
     assert info["lora"]["target_modules"] == ["to_k", "to_v", "to_out.0"]
+    # its regular set: the public code's route (text-to-image + segmentation), in its own folder
+    from dreammix.adm import read_manifest
+
+    regular = read_manifest(root / "adm" / "can_t2i_segment")
+    assert regular and all(e["route"] == "t2i_segment" for e in regular) and result.adm_built == ["can"]
     results = json.loads(result.results.read_text())
     assert results["preset"] == "reference" and results["train_experiments"]["dif_tas_adm"] == "reference"
     settings = json.loads((root / "reference" / "eval" / "dif_tas" / "can" / "settings.json").read_text())
