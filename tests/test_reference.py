@@ -403,6 +403,10 @@ def test_tiny_benchmark_reference_preset_end_to_end(compose, shared_data, tmp_pa
     assert results["preset"] == "reference" and results["train_experiments"]["dif_tas_adm"] == "reference"
     settings = json.loads((root / "reference" / "eval" / "dif_tas" / "can" / "settings.json").read_text())
     assert settings["generation"]["tas"]["stages"] == ["local"]  # the public code's TAS
+    # ... and its sampling (sampler=reference): guidance 4, DPM++ 2M SDE Karras, the base tail
+    generation = settings["generation"]
+    assert generation["sampler"]["name"] == "reference" and generation["guidance_scale"] == 4.0
+    assert generation["scheduler"] == "dpmpp_2m_sde_karras" and generation["sampler"]["base_switch"] == 0.8
     table3 = result.table3.read_text()
     assert "preset `reference`" in table3 and "Base model `tiny_fooocus`" in table3
     assert any(line.startswith("| ++ADM |") and "| 0.285 |" in line for line in table3.splitlines())
