@@ -110,7 +110,8 @@ def random_crop_resize(example: MaskedImage, resolution: int, generator: torch.G
     Returns pixels in [-1, 1] ``(3,R,R)``, the binary mask ``(R,R)`` and the SDXL time ids
     ``(orig_h, orig_w, top, left, R, R)``: original size before resizing, crop offset in the
     resized image (what the public code and diffusers' SDXL training script pass as
-    ``original_size`` / ``crops_coords_top_left``). A square photo has offset (0, 0).
+    ``original_size`` / ``crops_coords_top_left``). A square photo (all of DreamBench) has offset
+    (0, 0); on a long photo the crop may, as in the public code, leave the object out.
     """
     image = example.image
     w, h = image.size
