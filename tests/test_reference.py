@@ -56,6 +56,7 @@ def test_reference_experiment_sets_every_knob_and_defaults_are_the_paper_text(co
         assert _get(alone, key) == value
         assert all(_get(alone, k) == PAPER[k] for k in PAPER if k != key)
     assert compose("train", ["loss=reference", "run_dir=/tmp/x"]).loss.weighting == "pred_and_target"
+    assert reference.data.require_regular and reference.data.regular_dir.endswith("can_t2i_segment")
     # the DreamBooth variant of the public code keeps every data knob, unit weights, no regular data
     db = compose("train", ["experiment=reference_dreambooth", "run_dir=/tmp/x"])
     assert (db.loss.tau_in, db.loss.tau_out, db.loss.beta) == (1.0, 1.0, 0.0) and db.data.mask_mode == "blob"
