@@ -483,7 +483,7 @@ def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
     monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), Sender()])
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_128_plus_signal(entry, tmp_path, subject, monkeypatch,
                                                                          signum, code):
     _signal_at_step(monkeypatch, 2, signum)
@@ -627,7 +627,8 @@ def _png_header(width: int, height: int) -> bytes:
         chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("pixels", [100_000 * 100_000, 12_000 * 8_000], ids=["bomb", "warning-size"])
+@pytest.mark.parametrize("pixels", [100_000 * 100_000, pytest.param(12_000 * 8_000, marks=pytest.mark.slow)],
+                         ids=["bomb", "warning-size"])
 def test_decompression_bombs_are_one_line_errors(entry, tmp_path, monkeypatch, pixels):
     image, mask = _image_and_mask(tmp_path / "in")
     side = int(pixels**0.5)
