@@ -215,11 +215,16 @@ class DreamMixLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["dreammix_lora"] = {"rank": self.lora_spec.rank, "alpha": self.lora_spec.alpha,
-                                       "target_modules": list(self.lora_spec.target_modules)}
+                                       "target_modules": list(self.lora_spec.target_modules),
+                                       "use_dora": self.lora_spec.use_dora,
+                                       # what the kohya module names depend on (src/export_lora.py)
+                                       "unet_layout": {"layers_per_block": self.unet.config.layers_per_block,
+                                                       "up_block_types": list(self.unet.config.up_block_types)}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("dreammix_lora")
         configured = {"rank": self.lora_spec.rank, "alpha": self.lora_spec.alpha,
                       "target_modules": list(self.lora_spec.target_modules)}
-        if saved and any(saved.get(k) != v for k, v in configured.items()):
+        configured["use_dora"] = self.lora_spec.use_dora
+        if saved and any(saved.get(k, False if k == "use_dora" else None) != v for k, v in configured.items()):
             raise DreamMixError(f"checkpoint LoRA {saved} does not match the configured LoRA", "ckpt_path / lora.*")

@@ -7,7 +7,6 @@ in diffusers format (with adapter metadata) to ``<run_dir>/lora``.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from dreammix.atomic import atomic_write_text
 from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
 from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
+from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark.run reads it from here)
+from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
-from dreammix.models.lora import LoraSpec, save_lora
+from dreammix.models.lora import LoraSpec, lora_state_dict
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_NAME = "dreammix_run.json"
 
 
 def _training_device(trainer_cfg) -> torch.device:
@@ -76,6 +75,15 @@ class TrainSpecs:
     ckpt_path: Path | None
 
 
+def check_known_keys(cfg: DictConfig, group: str, spec_type: type) -> None:
+    """``+lora.use_dorra=true`` must fail, not train without it: every key of ``cfg.<group>`` must
+    be a field of its spec."""
+    unknown = sorted(set(cfg[group]) - set(spec_type.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(sorted(spec_type.__dataclass_fields__))
+        raise DreamMixError(f"unknown option {unknown[0]!r} (known: {known})", f"{group}.{unknown[0]}")
+
+
 def train_specs(cfg: DictConfig) -> TrainSpecs:
     """Typed specs from the composed config; bad values raise a one-line :class:`DreamMixError`."""
     loss = LossSpec(
@@ -83,9 +91,11 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
     )
+    check_known_keys(cfg, "lora", LoraSpec)
     lora = LoraSpec(
         rank=config_value(cfg, "lora.rank", int), alpha=config_value(cfg, "lora.alpha", float),
         dropout=config_value(cfg, "lora.dropout", float), target_modules=tuple(cfg.lora.target_modules),
+        use_dora=config_value(cfg, "lora.use_dora", bool) if "use_dora" in cfg.lora else False,
     )
     optim = OptimSpec(
         lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
@@ -109,12 +119,20 @@ def _callbacks(
     cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, source_examples: list, run_dir: Path
 ) -> list[L.Callback]:
     """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
+    keep = int(cfg.checkpoint.get("keep_last") or 0)
+    every = int(cfg.checkpoint.every_n_steps)
     callbacks: list[L.Callback] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
-            every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None, save_top_k=-1, save_last=True,
+            every_n_train_steps=every or None, save_last=True,
+            # keep_last K: the K newest by step ("step" is always among Lightning's monitor candidates)
+            **({"save_top_k": keep, "monitor": "step", "mode": "max"} if keep > 0 else {"save_top_k": -1}),
         )
     ]
+    if every > 0 and bool(cfg.checkpoint.get("lora_files", True)):
+        callbacks.append(CheckpointLoraCallback(
+            run_dir / "checkpoints", every, keep, specs.lora, lambda step: _run_info(cfg, specs, step, pipe.unet),
+        ))
     val = cfg.validation
     if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
         images, masks = _validation_inputs(source_examples, specs.model.resolution, int(val.num_samples))
@@ -126,15 +144,16 @@ def _callbacks(
     return callbacks
 
 
-def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Path) -> None:
-    """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings)."""
-    info = {
+def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
+    """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings; the
+    kohya export and the model card describe the LoRA with it)."""
+    return {
         "subject": specs.subject.name, "class_noun": specs.subject.class_noun,
         "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
-        "lora": {"rank": specs.lora.rank, "alpha": specs.lora.alpha, "target_modules": list(specs.lora.target_modules)},
+        "model": specs.model.name, "resolution": specs.model.resolution, "unet_layout": unet_layout(unet.config),
+        "lora": lora_record(specs.lora),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
     }
-    atomic_write_text(lora_dir / RUN_INFO_NAME, json.dumps(info, indent=2))
 
 
 def train(cfg: DictConfig) -> Path:
@@ -173,9 +192,10 @@ def train(cfg: DictConfig) -> Path:
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
-        weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
-        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
-        log.info("LoRA written to %s", weights)
+        info = _run_info(cfg, specs, trainer.global_step, pipe.unet)
+        grid = next(iter(sorted((run_dir / "samples").glob("step_*.png"))[-1:]), None)
+        lora_dir = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), specs.lora, info), run_dir / "lora", sample_grid=grid)
+        log.info("LoRA written to %s (diffusers, kohya/webui, model card)", lora_dir)
     finally:
         if logger:
             import wandb
