@@ -68,16 +68,22 @@ def write_lora_folder(
 
     info = {**export.info, "lora": lora_record(export.spec)}
     layout = info.get("unet_layout") or SDXL_LAYOUT
-    kohya_file = export.kohya_name()
+    if export.spec.use_dora and "kohya" in formats:
+        # peft's magnitude vector has no verified counterpart in the webui loaders' DoRA layout
+        # (``dora_scale``), so no kohya file rather than one that loads wrong.
+        if "diffusers" not in formats:
+            raise DreamMixError("the kohya/webui export of a DoRA LoRA is not supported; use --format diffusers", "--format")
+        formats = [f for f in formats if f != "kohya"]
+    kohya_file = export.kohya_name() if "kohya" in formats else None
     # The kohya names are checked before anything is written: a module the scheme cannot express
     # must not leave a diffusers-only folder behind.
     from dreammix.models.kohya import to_kohya_state_dict
 
-    if "kohya" in formats:
+    if kohya_file:
         to_kohya_state_dict(export.weights, export.spec.alpha, layout)
 
     def extras(staging: Path) -> None:
-        if "kohya" in formats:
+        if kohya_file:
             title = kohya_file.removesuffix(".safetensors")
             meta = kohya_metadata(info, int(info.get("resolution") or 1024), title)
             save_kohya_lora(staging / kohya_file, export.weights, export.spec.alpha, layout, meta)

@@ -19,8 +19,11 @@ def trigger_words(info: Mapping) -> str:
     return f"{IDENTIFIER} {info.get('class_noun', '')}".strip()
 
 
-def model_card(info: Mapping, kohya_file: str, diffusers_file: str, sample_grid: str | None = None) -> str:
-    """Markdown for ``lora/README.md`` from a run record (``dreammix_run.json``)."""
+def model_card(info: Mapping, kohya_file: str | None, diffusers_file: str, sample_grid: str | None = None) -> str:
+    """Markdown for ``lora/README.md`` from a run record (``dreammix_run.json``); ``kohya_file``
+    None: no webui file (DoRA), the card says so."""
+    if kohya_file is None:
+        kohya_file = "(none: DoRA LoRAs are exported for diffusers only)"
     lora, loss = info["lora"], info.get("loss", {})
     trigger = trigger_words(info)
     base = info.get("base_model", "?")

@@ -27,7 +27,7 @@ from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark
 from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, lora_state_dict
-from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+from dreammix.module import DreamMixLoRAModule, LossSpec, NoiseSpec, OptimSpec
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TrainSpecs:
     lora: LoraSpec
     optim: OptimSpec
     ckpt_path: Path | None
+    noise: NoiseSpec = NoiseSpec()
 
 
 def check_known_keys(cfg: DictConfig, group: str, spec_type: type) -> None:
@@ -97,11 +98,16 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         dropout=config_value(cfg, "lora.dropout", float), target_modules=tuple(cfg.lora.target_modules),
         use_dora=config_value(cfg, "lora.use_dora", bool) if "use_dora" in cfg.lora else False,
     )
+    check_known_keys(cfg, "optim", OptimSpec)
     optim = OptimSpec(
-        lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
+        name=str(cfg.optim.get("name", "adam")), lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
         weight_decay=config_value(cfg, "optim.weight_decay", float), eps=config_value(cfg, "optim.eps", float),
         warmup_steps=config_value(cfg, "optim.warmup_steps", int), fused=bool(cfg.optim.fused),
     )
+    noise = NoiseSpec()
+    if cfg.get("noise") is not None:
+        check_known_keys(cfg, "noise", NoiseSpec)
+        noise = NoiseSpec(offset=config_value(cfg, "noise.offset", float), snr_gamma=config_value(cfg, "noise.snr_gamma", float))
     max_steps = config_value(cfg, "trainer.max_steps", int)
     if max_steps < 1:
         raise DreamMixError(f"max_steps must be >= 1, got {max_steps}", "trainer.max_steps")
@@ -112,7 +118,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     subject = Subject.from_config(cfg.subject)
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
-    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path, noise)
 
 
 def _callbacks(
@@ -152,6 +158,8 @@ def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
         "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
         "model": specs.model.name, "resolution": specs.model.resolution, "unet_layout": unet_layout(unet.config),
         "lora": lora_record(specs.lora),
+        "training": {"optimizer": specs.optim.name, "lr": specs.optim.lr, "noise_offset": specs.noise.offset,
+                     "snr_gamma": specs.noise.snr_gamma},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
     }
 
@@ -182,7 +190,7 @@ def train(cfg: DictConfig) -> Path:
 
     module = DreamMixLoRAModule(
         pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
-        gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed),
+        gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed), noise=specs.noise,
     )
     logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
