@@ -21,6 +21,7 @@ from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
+from dreammix.data.segmented_masks import source_mask_segmenter
 from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
 from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark.run reads it from here)
@@ -173,12 +174,14 @@ def train(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
+    segment_masks = source_mask_segmenter(cfg, specs.subject, device)  # data.missing_mask=segment
     pipe = load_pipeline(specs.model, resolve_dtype(specs.model.weight_dtype, device))
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
     encoder = FrozenInputEncoder(pipe, device)
     datamodule = DreamMixDataModule(
-        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
+        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed),
+        segment_masks=segment_masks,
     )
     datamodule.setup("fit")
     callbacks = _callbacks(cfg, specs, pipe, encoder, datamodule.source_examples, run_dir)
