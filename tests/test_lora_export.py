@@ -269,8 +269,13 @@ def test_export_of_a_run_folder_adds_the_kohya_file(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run / "lora", copy / "lora")
     (copy / "lora" / "thing_tiny.safetensors").unlink()
+    (copy / "lora" / "notes.txt").write_text("mine")
     main([str(copy), "--format", "kohya"])
-    assert load_file(copy / "lora" / "thing_tiny.safetensors").keys() == load_file(run / "lora" / "thing_tiny.safetensors").keys()
+    got, want = load_file(copy / "lora" / "thing_tiny.safetensors"), load_file(run / "lora" / "thing_tiny.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert (copy / "lora" / "notes.txt").read_text() == "mine"  # nothing else in the folder is touched
+    with safe_open(str(copy / "lora" / "thing_tiny.safetensors"), "pt") as a, safe_open(str(run / "lora" / "thing_tiny.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata()
 
 
 def _cli(*args):

@@ -101,6 +101,23 @@ def write_lora_folder(
     return Path(directory)
 
 
+def add_kohya_file(export: LoraExport, folder: Path) -> Path:
+    """The kohya file and a refreshed model card in an existing ``lora/`` folder (atomic files)."""
+    from dreammix.atomic import atomic_write_text
+    from dreammix.model_card import model_card
+    from dreammix.models.kohya import kohya_metadata, save_kohya_lora
+
+    if export.spec.use_dora:
+        raise DreamMixError("the kohya/webui export of a DoRA LoRA is not supported", "--format")
+    info = {**export.info, "lora": lora_record(export.spec)}
+    name = export.kohya_name()
+    meta = kohya_metadata(info, int(info.get("resolution") or 1024), name.removesuffix(".safetensors"))
+    save_kohya_lora(folder / name, export.weights, export.spec.alpha, info.get("unet_layout") or SDXL_LAYOUT, meta)
+    grid = SAMPLE_GRID_NAME if (folder / SAMPLE_GRID_NAME).is_file() else None
+    atomic_write_text(folder / CARD_NAME, model_card(info, name, LORA_WEIGHTS_NAME, grid))
+    return folder
+
+
 # ------------------------------------------------------------------ reading an existing LoRA
 def _spec_from_record(record: Mapping, where: str) -> LoraSpec:
     try:
@@ -210,10 +227,13 @@ def export_lora(source: str | Path, formats: Sequence[str], out: str | Path | No
         export = read_lora_folder(folder)
         out = Path(out) if out else folder
         if out.resolve() == folder.resolve():
-            # Converting in place: keep the diffusers file the folder already has.
-            formats = FORMATS
-    grid = next(iter(sorted(source.parent.parent.glob("samples/step_*.png"))[-1:]), None) if source.is_file() else None
-    if grid is None and not source.is_file():
+            if "kohya" not in formats:
+                raise DreamMixError("the folder already holds the diffusers file; give --out to write a copy", "--format")
+            # In place: add the kohya file and refresh the card; everything else in the folder stays.
+            return add_kohya_file(export, folder)
+    if source.is_file():  # the grid rendered at the checkpoint's step, when there is one
+        grid = source.parent.parent / "samples" / f"step_{int(export.info.get('steps', 0)):06d}.png"
+    else:
         run = source if (source / "lora").is_dir() else source.parent
         grid = next(iter(sorted(run.glob("samples/step_*.png"))[-1:]), None)
     return write_lora_folder(export, out, formats, sample_grid=grid)

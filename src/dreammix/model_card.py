@@ -67,7 +67,7 @@ Subject-driven inpainting LoRA trained with DreamMix (LoRA fine-tuning of an SDX
 |---|---|
 {settings}
 
-## Loss
+## Loss{f" (`loss={info['loss_preset']}`)" if info.get("loss_preset") else ""}
 
 The mask-reweighted loss (paper Eq. 7: weight `tau_in` inside the mask, `tau_out` outside) on the
 subject images plus `beta` × the same loss on regular images (Eq. 8); `regular_mode: sampled` is

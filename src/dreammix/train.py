@@ -161,8 +161,18 @@ def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
         "lora": lora_record(specs.lora),
         "training": {"optimizer": specs.optim.name, "lr": specs.optim.lr, "noise_offset": specs.noise.offset,
                      "snr_gamma": specs.noise.snr_gamma},
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True), "loss_preset": _loss_preset(),
     }
+
+
+def _loss_preset() -> str | None:
+    """``reweighted`` / ``reference``: the ``loss=`` choice of the composed config (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get("loss")
+    except ValueError:  # not composed by @hydra.main (tests compose directly)
+        return None
 
 
 def train(cfg: DictConfig) -> Path:

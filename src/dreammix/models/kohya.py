@@ -160,8 +160,10 @@ def kohya_metadata(info: Mapping, resolution: int, title: str) -> dict[str, str]
         "ss_max_train_steps": steps,
         "ss_output_name": title,
         "ss_tag_frequency": json.dumps({str(info.get("subject", "subject")): {trigger: 1}}),
-        "ss_training_comment": f"DreamMix subject LoRA; trigger words: {trigger}; loss: {json.dumps(loss, sort_keys=True)}",
+        "ss_training_comment": f"DreamMix subject LoRA; trigger words: {trigger}; "
+        f"loss: {info.get('loss_preset') or 'custom'} {json.dumps(loss, sort_keys=True)}",
         "ss_dreammix_loss": json.dumps(loss, sort_keys=True),
+        "ss_dreammix_loss_preset": str(info.get("loss_preset") or ""),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
