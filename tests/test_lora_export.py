@@ -178,6 +178,31 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(tiny_model_dir, t
     torch.testing.assert_close(outputs["kohya"], trained, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_kohya_file_loads_on_the_fooocus_base_like_the_diffusers_file(compose, tmp_path, one_thread):
+    """The same on the tiny Fooocus base (SDXL base UNet + inpaint head wrapped around conv_in)."""
+    from dreammix.export import LoraExport, unet_layout, write_lora_folder
+    from dreammix.models.loading import load_pipeline, model_spec_from_config
+    from dreammix.models.lora import LoraSpec, add_lora, lora_state_dict
+
+    spec_model = model_spec_from_config(compose("train", ["model=tiny_fooocus"]).model)
+    pipe = load_pipeline(spec_model)
+    spec = LoraSpec(rank=2, alpha=8, target_modules=("to_k", "to_v", "to_out.0", "ff.net.2", "conv1"))
+    add_lora(pipe.unet, spec)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    trained = _unet_output(pipe.unet.eval())
+    info = {"subject": "thing", "model": "tiny_fooocus", "resolution": 64, "unet_layout": unet_layout(pipe.unet.config)}
+    folder = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), spec, info), tmp_path / "lora")
+    assert "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in load_file(folder / "thing_tiny_fooocus.safetensors")
+    for source in (str(folder), str(folder / "thing_tiny_fooocus.safetensors")):
+        fresh = load_pipeline(spec_model)
+        fresh.load_lora_weights(source)
+        torch.testing.assert_close(_unet_output(fresh.unet.eval()), trained, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ a training run end to end
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
