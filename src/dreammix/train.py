@@ -26,6 +26,11 @@ from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
 from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark.run reads it from here)
 from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
+from dreammix.guards import FiniteGuard
+from dreammix.interrupt import InterruptCheckpoint
+from dreammix.paths import ensure_writable_dir
+from dreammix.preflight import check_before_loading
+from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, lora_state_dict
 from dreammix.module import DreamMixLoRAModule, LossSpec, NoiseSpec, OptimSpec
@@ -119,7 +124,9 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     subject = Subject.from_config(cfg.subject)
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
-    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path, noise)
+    data = DataSpec.from_config(cfg.data)
+    check_before_loading(subject, data, lora, ckpt_path)
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), data, loss, lora, optim, ckpt_path, noise)
 
 
 def _callbacks(
@@ -134,7 +141,8 @@ def _callbacks(
             every_n_train_steps=every or None, save_last=True,
             # keep_last K: the K newest by step ("step" is always among Lightning's monitor candidates)
             **({"save_top_k": keep, "monitor": "step", "mode": "max"} if keep > 0 else {"save_top_k": -1}),
-        )
+        ),
+        FiniteGuard(), InterruptCheckpoint(run_dir / "checkpoints"),  # see dreammix.guards / dreammix.interrupt
     ]
     if every > 0 and bool(cfg.checkpoint.get("lora_files", True)):
         callbacks.append(CheckpointLoraCallback(
@@ -180,8 +188,7 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
-    run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
     segment_masks = source_mask_segmenter(cfg, specs.subject, device)  # data.missing_mask=segment
@@ -213,6 +220,7 @@ def train(cfg: DictConfig) -> Path:
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
+        check_finite_tensors({n: p for n, p in module.named_parameters() if "lora_" in n}, "the trained LoRA")  # never export NaNs
         info = _run_info(cfg, specs, trainer.global_step, pipe.unet)
         grid = next(iter(sorted((run_dir / "samples").glob("step_*.png"))[-1:]), None)
         lora_dir = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), specs.lora, info), run_dir / "lora", sample_grid=grid)
