@@ -188,3 +188,14 @@ def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_model_dir):
     per_channel = shift[:, :, :1, :1]
     torch.testing.assert_close(shift, per_channel.expand_as(shift))  # constant over the image
     assert per_channel.abs().min() > 0 and 0.02 < per_channel.std() < 0.5  # 0.1 · N(0, 1), 12 draws
+
+
+def test_a_dora_checkpoint_does_not_resume_into_a_plain_lora(tiny_model_dir):
+    dora, _ = _module(tiny_model_dir, LoraSpec(use_dora=True))
+    checkpoint = {"state_dict": dora.state_dict()}
+    dora.on_save_checkpoint(checkpoint)
+    assert checkpoint["dreammix_lora"]["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in checkpoint["state_dict"])
+    plain, _ = _module(tiny_model_dir)
+    with pytest.raises(DreamMixError, match="does not match the configured LoRA"):
+        plain.on_load_checkpoint(checkpoint)

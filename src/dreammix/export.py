@@ -180,11 +180,10 @@ def read_checkpoint(path: str | Path, run_info: str | Path | None = None) -> Lor
     path = Path(path)
     if not path.is_file():
         raise DreamMixError("checkpoint not found", str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input here
-        raise DreamMixError(f"cannot read checkpoint: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", str(path)) from exc
-    if not isinstance(ckpt, dict) or "dreammix_lora" not in ckpt or "state_dict" not in ckpt:
+    from dreammix.validation import load_checkpoint_safely
+
+    ckpt = load_checkpoint_safely(path, str(path))  # weights_only: no code from the file runs
+    if "dreammix_lora" not in ckpt:
         raise DreamMixError("not a DreamMix training checkpoint (no 'dreammix_lora' record)", str(path))
     spec = _spec_from_record(ckpt["dreammix_lora"], str(path))
     weights = checkpoint_lora_state_dict(ckpt["state_dict"])
