@@ -895,18 +895,23 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             outs.append(self(**{**keep, "prompt": prompt, "image": image, "mask_image": mask, "generator": gen, "return_dict": True}))
         if args["output_type"] in ("pil",):
             all_images = [im for o in outs for im in o.images]
-        elif args["output_type"] == "np":
-            all_images = np.concatenate([o.images for o in outs])
         else:
             shapes = {tuple(o.images.shape[1:]) for o in outs}
             if len(shapes) > 1:
                 raise UnsupportedArgument(f"outputs of different sizes {sorted(shapes)} cannot be stacked; use output_type='pil'", "output_type")
-            all_images = torch.cat([o.images for o in outs])
+            all_images = np.concatenate([o.images for o in outs]) if args["output_type"] == "np" else torch.cat([o.images for o in outs])
         lcg = [im for o in outs for im in (o.lcg_images or [])] or None
         boxes = [o.crop_box for o in outs]
         if not args["return_dict"]:
             return (all_images, lcg, boxes, outs[0].lcg_steps)
         return DreamMixPipelineOutput(images=all_images, lcg_images=lcg, crop_box=boxes, lcg_steps=outs[0].lcg_steps)
+
+    def inpaint_regions(self, image, regions, **kwargs):
+        """Multi-subject inpainting: each region its own mask, prompt and LoRA adapter (LCG per
+        region, then GCH per region); see :mod:`dreammix.multi_region`."""
+        from dreammix.multi_region import inpaint_regions
+
+        return inpaint_regions(self, image, regions, **kwargs)
 
     def _finish(self, images, lcg_images, box: Box | None, k: int, return_dict: bool):
         self.maybe_free_model_hooks()
