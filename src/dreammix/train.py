@@ -97,6 +97,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
+        weighting=str(cfg.loss.get("weighting", "squared_error")),
     )
     check_known_keys(cfg, "lora", LoraSpec)
     lora = LoraSpec(
@@ -170,6 +171,10 @@ def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
         "training": {"optimizer": specs.optim.name, "lr": specs.optim.lr, "noise_offset": specs.noise.offset,
                      "snr_gamma": specs.noise.snr_gamma},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True), "loss_preset": _loss_preset(),
+        # how the items were cut, masked and encoded, and the accumulation (paper text vs. public code)
+        "inputs": {**vars(specs.data.inputs), "blob_grow": list(specs.data.inputs.blob_grow),
+                   "mask_variants": specs.data.mask_variants, "regular_mask_variants": specs.data.regular_mask_variants},
+        "accumulate_grad_batches": int(cfg.trainer.accumulate_grad_batches),
     }
 
 
