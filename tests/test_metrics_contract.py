@@ -196,3 +196,15 @@ def test_inception_extractor_defaults_to_the_2048_pool_features_on_auto_device(r
     extractor = InceptionExtractor(random_inception_weights)
     assert extractor.name == "inception-v3-compat-2048" and list(extractor.model.features_list) == ["2048"]
     assert extractor.device == torch.device("cpu")
+
+
+def test_inception_weights_file_with_code_in_torch_format_is_refused(tmp_path):
+    """A ``torch.save`` file (zip format) that references a global is refused by the
+    ``weights_only=True`` check before torch-fidelity unpickles it (a plain pickle is refused
+    by torch.load's format check alone, so test_metrics' case cannot tell)."""
+    from dreammix.metrics.fid import InceptionExtractor
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "hook": print}, evil)
+    with pytest.raises(DreamMixError, match="not a plain PyTorch state dict"):
+        InceptionExtractor(evil, device="cpu")
