@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreammix.atomic import atomic_save_image, atomic_write_bytes
 from dreammix.benchmark.manifest import TASKS, Case, read_manifest
 from dreammix.benchmark.records import RecordLog
+from dreammix.benchmark.shards import Shard, adopt_shards
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
@@ -571,9 +572,12 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         raise DreamMixError(f"must be >= 1, got {steps}", "steps")
     if not 0.0 <= lambda_ <= 1.0:
         raise DreamMixError(f"must be in [0, 1], got {lambda_}", "dif.lambda_")
+    shard = Shard.parse(cfg.get("shard"))
     cases = select_cases(read_manifest(str(cfg.manifest)), subject, tasks, limit)
     if not cases:
         raise DreamMixError(f"the manifest has no case of subject '{subject}' for tasks {tasks}", str(cfg.manifest))
+    if shard is not None:  # a disjoint slice in its own folder; the unsharded run merges (shards.py)
+        cases, run_dir = shard.select(cases), shard.run_dir(run_dir)
     lora = lora_info(cfg.get("lora_dir"))
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
@@ -586,6 +590,8 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
          "lora_dir": None if lora is None else lora["dir"]},
     )  # fmt: skip
     records = RecordLog(run_dir / RECORDS_NAME)
+    if shard is None:
+        adopt_shards(run_dir, cases, settings, records, lambda case: image_path(Path(), case))
     check_records_match(records.load(), cases, records.path)
     eliminate = eliminate_words(cfg, cases)
 
@@ -607,13 +613,14 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
     # 4. FID, summaries, W&B
     fid: dict[str, float | None] = {}
-    if bool(cfg.get("fid", True)):
+    if bool(cfg.get("fid", True)) and shard is None:  # FID of a slice is not the set's: once, at the merge
         extractor = make_fid_extractor(str(cfg.get("fid_extractor", "inception")), cfg.metrics)
         fid = fid_by_task(mine, {r["case_id"]: run_dir for r in mine}, cfg.metrics, extractor)
     summary = {
         "row": row,
         "subject": subject,
         "cases": len(mine),
+        "shard": None if shard is None else f"{shard.index}/{shard.count}",
         "tasks": summarize(mine),
         "fid": fid,
         "fid_extractor": str(cfg.get("fid_extractor", "inception")) if fid else None,
