@@ -70,6 +70,8 @@ class SampleGridCallback(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
+        if not trainer.is_global_zero:  # DDP: one grid per step, from rank 0
+            return
         self._last_step = step
         was_training = pl_module.training
         pl_module.eval()

@@ -167,15 +167,18 @@ def train(cfg: DictConfig) -> Path:
     )
     logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
+    # The datamodule's sampler gives each DDP rank its own slice of the step-indexed stream.
+    trainer_kwargs["use_distributed_sampler"] = False
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
-        weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
-        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
-        log.info("LoRA written to %s", weights)
+        if trainer.is_global_zero:  # DDP: every rank holds the same LoRA; one writes it
+            weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
+            _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
+            log.info("LoRA written to %s", weights)
     finally:
         if logger:
             import wandb
