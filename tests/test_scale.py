@@ -164,3 +164,120 @@ def test_ddp_on_cpu_two_ranks_one_lora_different_samples_exact_resume(tmp_path, 
     assert a.keys() == b.keys() == c.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark as a job graph
+# ------------------------------------------------------------------------------------------------
+
+
+def _bench_cfg(compose, shared_data, out: Path, *extra: str):
+    return compose("benchmark_run", ["bench=tiny", f"bench.shared_data={shared_data}", f"bench.out_dir={out}", f"run_dir={out / 'r'}", *extra])
+
+
+def test_dry_run_lists_every_job_with_its_command_and_the_full_count(compose, shared_data, tmp_path, capsys):
+    from dreammix.benchmark.run import run_benchmark
+
+    result = run_benchmark(_bench_cfg(compose, shared_data, tmp_path / "b", "bench.dry_run=true", "bench.shards=2"))
+    out = capsys.readouterr().out
+    assert not (tmp_path / "b").exists()  # nothing run, nothing written
+    # 1 manifest + ADM for 2 subjects + 2 variants x 2 subjects + 4 rows x 2 subjects x (2 shards + merge)
+    assert len(result.jobs) == 1 + 2 + 4 + 4 * 2 * 3 == 31
+    assert "planned: 31 jobs (31 to run) for 2 subject(s) x 4 row(s)" in out
+    # the 30 DreamBooth subjects: 1 + 30 ADM + 60 trainings + 4 x 30 x 3 evaluations
+    assert "all 30 subjects: 451 jobs (manifest 1, train 60, adm 30, eval 360)" in out
+    for name in result.jobs:
+        assert f"[todo] {name}" in out
+    lines = out.splitlines()
+    shard = lines.index(next(l for l in lines if "[todo] eval/dif/dog/shard-1-of-2" in l))
+    command = lines[shard + 1].strip()
+    assert command.startswith("python src/eval.py ") and "experiment=dif subject=dog" in command and command.endswith("fid=false shard=1/2")
+    merge = next(l for l in lines if "[todo] eval/dif/dog (after" in l)
+    assert "(after eval/dif/dog/shard-0-of-2, eval/dif/dog/shard-1-of-2)" in merge
+    train = lines.index(next(l for l in lines if "[todo] train/tau1.5-0.7_beta0.4/can" in l))
+    assert "(after adm/can)" in lines[train] and "experiment=dif_tas_adm subject=can" in lines[train + 1]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("bench.executor=pbs", "error: unknown executor 'pbs'; known: local, ray, slurm, submitit_local (bench.executor)"),
+     ("bench.executor=slurm", "error: sbatch not found on PATH"),
+     ("bench.ray.address=auto", "error: Ray cannot start: Could not find any running Ray instance")],
+)  # fmt: skip
+def test_executor_that_cannot_run_is_a_one_line_error(tmp_path, override, message):
+    import os
+
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "RAY_ADDRESS": ""}
+    extra = ["bench.executor=ray"] if override.startswith("bench.ray") else []
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", f"bench.out_dir={tmp_path / 'b'}", "bench.experiments=[dif]",
+         "bench.subjects=[can]", *extra, override, f"hydra.run.dir={tmp_path / 'r'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len([l for l in lines if l.startswith("error:")]) == 1 and lines[-1].startswith(message)
+
+
+def test_failing_job_is_retried_reported_and_the_others_go_on(shared_data, tmp_path):
+    """A graph of real commands: the manifest (succeeds), an evaluation with a LoRA folder that does
+    not exist (fails, retried once), the merge that needs it (not run), and nothing else stopped;
+    the record says which job, its log file and the reason."""
+    from dreammix.benchmark.executors import LocalExecutor, execute
+    from dreammix.benchmark.jobs import Job
+
+    out = tmp_path / "b"
+    bench = out / "benchmark"
+    manifest = Job("manifest", "build_benchmark", (f"paths.dreambooth_dir={shared_data / 'dreambooth'}", f"benchmark.out_dir={bench}",
+                   f"benchmark.coco_images={shared_data / 'coco_mini' / 'val2017'}", "benchmark.per_subject=1",
+                   f"benchmark.coco_annotations={shared_data / 'coco_mini' / 'annotations' / 'instances_val2017.json'}"),
+                   gpu=False, done_files=(str(bench / "manifest.jsonl"),))  # fmt: skip
+    shard = Job("eval/dif/can/shard-0-of-2", "eval", ("model=tiny", "logger=none", "subject=can", f"paths.dreambooth_dir={shared_data / 'dreambooth'}",
+                f"benchmark.out_dir={bench}", f"lora_dir={tmp_path / 'nowhere'}", f"run_dir={out / 'e'}", "shard=0/2"), ("manifest",),
+                summary=str(out / "e" / "shards" / "0-of-2" / "summary.json"))  # fmt: skip
+    merge = Job("eval/dif/can", "eval", ("model=tiny",), (shard.name,), summary=str(out / "e" / "summary.json"))
+    lines: list[str] = []
+    result = execute([manifest, shard, merge], LocalExecutor(), retries=1, out=out, conf_dir=None, echo=lines.append)
+    assert result.done == ["manifest"] and result.blocked == ["eval/dif/can"] and list(result.failed) == [shard.name]
+    failure = result.failed[shard.name]
+    assert failure["reason"] == f"DreamMixError: LoRA folder not found (lora_dir={tmp_path / 'nowhere'})"
+    assert failure["log"] == str(out / "logs" / "eval__dif__can__shard-0-of-2.log") and "Traceback" in Path(failure["log"]).read_text()
+    records = _lines(out / "jobs.jsonl")
+    assert [(r["job"], r["status"], r["attempt"]) for r in records] == [("manifest", "ok", 1), (shard.name, "failed", 1), (shard.name, "failed", 2)]
+    assert all(r["end"] >= r["start"] and r["command"].startswith("python src/") for r in records)
+    assert lines[1].startswith("[1/3] done manifest in ") and "| elapsed " in lines[1] and ", ETA " in lines[1]
+    assert lines[2] == f"retrying {shard.name} (attempt 2 of 2): {failure['reason']}"
+    assert lines[3].startswith(f"[2/3] FAILED {shard.name} in ")
+    assert lines[4] == f"  job {shard.name} failed: {failure['reason']} (log: {failure['log']})"
+    assert len(lines) == 5
+    # the rerun: the manifest is done, so only the failed job is attempted again
+    again = execute([manifest, shard, merge], LocalExecutor(), retries=0, out=out, conf_dir=None, echo=lambda line: None)
+    assert again.skipped == ["manifest"] and list(again.failed) == [shard.name] and len(_lines(out / "jobs.jsonl")) == 4
+
+
+def test_tables_mark_missing_cells_instead_of_averaging_fewer_cases():
+    from dreammix.benchmark.report import table1_markdown, table3_markdown
+    from dreammix.benchmark.run import mark_missing
+
+    def record(case, task, value):
+        return {"case_id": case, "task": task, "subject": "can", **{k: value for k in ("clip_t", "clip_i", "dino")}}
+
+    rows = {"dif": {"records": [record("a", "identity", 0.5), record("b", "identity", 0.7), record("c", "attribute", 0.2)],
+                    "tasks": {"identity": {"n": 2, "mean": {"clip_t": 0.6, "clip_i": 0.6, "dino": 0.6}},
+                              "attribute": {"n": 1, "mean": {"clip_t": 0.2, "clip_i": 0.2, "dino": 0.2}}}},
+            "baseline": {"records": [], "tasks": {}}}  # fmt: skip
+    expected = {"dif": {"identity": {"a", "b"}, "attribute": {"c", "d"}}, "baseline": {"identity": {"a", "b"}, "attribute": {"c", "d"}}}
+    assert mark_missing(rows, expected) == {"dif": {"attribute": "1 of 2"}, "baseline": {"identity": "0 of 2", "attribute": "0 of 2"}}
+    t3 = table3_markdown(rows, {}, ["baseline", "dif"])
+    assert "| +DIF | 0.600 | n/a | 0.600 | n/a | 0.600 | n/a | 2 |" in t3  # identity complete
+    assert "| +DIF | missing | n/a | missing | n/a | missing | n/a | 1 of 2 |" in t3  # attribute: not the mean of 1 case
+    assert "| Baseline | missing | n/a | missing | n/a | missing | n/a | 0 of 2 |" in t3
+    t1 = table1_markdown(rows["dif"], None, {}, fid={"identity": 12.0, "attribute": None})
+    assert "| DreamMix (ours) | missing | missing | missing | missing | 1 of 2 |" in t1
+
+
+def test_make_benchmark_passes_executor_and_workers():
+    proc = subprocess.run(["make", "-n", "benchmark", "BENCH=tiny", "EXECUTOR=ray", "WORKERS=2", "ARGS=bench.shards=2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    command = proc.stdout.replace("\\\n", " ")
+    assert "src/benchmark.py bench=tiny" in command and "bench.executor=ray bench.ray.num_workers=2 bench.shards=2" in " ".join(command.split())

@@ -81,6 +81,15 @@ def merge_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _cell(entry: Mapping[str, Any], value: Any, digits: int = 3) -> str:
+    """Our value, or ``missing`` when the entry lacks cases (``incomplete``: a job failed)."""
+    return "missing" if entry.get("incomplete") else _fmt(value, digits)
+
+
+def _cases(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("incomplete") or entry.get("n", 0))
+
+
 def _paper_value(paper: Mapping[str, Any] | None, task: str, key: str) -> Any:
     if not paper:
         return None
@@ -98,7 +107,8 @@ def table3_markdown(
     """The ablation table: for each task, one line per row with ours and the paper's values.
 
     ``rows[name]`` is a :func:`merge_runs` result (or None when the row was not run);
-    ``paper[name][task][metric]`` the published value.
+    ``paper[name][task][metric]`` the published value. A task entry with ``incomplete`` ("3 of 8":
+    cases missing) prints ``missing`` instead of means over fewer cases.
     """
     labels = {**ROW_LABELS, **dict(labels or {})}
     lines = ["# Table 3 — ablation (ours vs. paper)", ""]
@@ -114,8 +124,8 @@ def table3_markdown(
             mean = ours.get("mean") or {}
             cells = []
             for key in METRIC_TITLES:
-                cells += [_fmt(mean.get(key)), _fmt(_paper_value(paper.get(name), task, key))]
-            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {ours.get('n', 0)} |")
+                cells += [_cell(ours, mean.get(key)), _fmt(_paper_value(paper.get(name), task, key))]
+            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {_cases(ours)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -163,8 +173,8 @@ def table1_markdown(
         entry = ((ours or {}).get("tasks") or {}).get(task) or {}
         mean = entry.get("mean") or {}
         lines.append(
-            "| DreamMix (ours) | " + " | ".join(_fmt(mean.get(k)) for k in METRIC_TITLES)
-            + f" | {_fmt((fid or {}).get(task), 2)} | {entry.get('n', 0)} |"
+            "| DreamMix (ours) | " + " | ".join(_cell(entry, mean.get(k)) for k in METRIC_TITLES)
+            + f" | {_cell(entry, (fid or {}).get(task), 2)} | {_cases(entry)} |"
         )  # fmt: skip
         published = paper.get("dreammix") or {}
         lines.append(
