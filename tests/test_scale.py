@@ -281,3 +281,195 @@ def test_make_benchmark_passes_executor_and_workers():
                           capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
     command = proc.stdout.replace("\\\n", " ")
     assert "src/benchmark.py bench=tiny" in command and "bench.executor=ray bench.ray.num_workers=2 bench.shards=2" in " ".join(command.split())
+
+
+# ------------------------------------------------------------------------------------------------
+# the engines, end to end (slow: real Ray / submitit processes on the tiny benchmark)
+# ------------------------------------------------------------------------------------------------
+
+
+def _numbers(out: Path) -> dict:
+    """What the tables say: per row the task means and case counts, FID, the real-images row."""
+    results = json.loads((out / "results.json").read_text())
+    return {"rows": {row: {"tasks": entry["tasks"], "fid": entry["fid"]} for row, entry in results["rows"].items()},
+            "real": results["real_images"], "real_fid": results["real_images_fid"], "incomplete": results["incomplete"]}  # fmt: skip
+
+
+def _tables(out: Path) -> tuple[str, str]:
+    return tuple((out / name).read_text().replace(str(out), "<out>") for name in ("table1.md", "table3.md"))
+
+
+def _benchmark_cli(out: Path, shared: Path, *extra: str, **popen) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    cmd = [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", f"bench.shared_data={shared}", f"bench.out_dir={out}",
+           f"hydra.run.dir={out / 'run'}", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 1500) -> str:
+    import os
+    import signal
+
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind in its own session (Ray's processes)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, shared_data):
+    """The tiny benchmark run one job after another in one process (bench.executor=local)."""
+    out = tmp_path_factory.mktemp("sequential") / "b"
+    _finish(_benchmark_cli(out, shared_data))
+    return out
+
+
+def _overlapping(records: list[dict]) -> list[tuple[str, str]]:
+    ran = [r for r in records if r["status"] == "ok"]
+    return [(a["job"], b["job"]) for i, a in enumerate(ran) for b in ran[i + 1 :]
+            if a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_on_ray_two_workers_equals_sequential_and_jobs_overlap(sequential, shared_data, tmp_path):
+    out = tmp_path / "b"
+    output = _finish(_benchmark_cli(out, shared_data, "bench.executor=ray", "bench.ray.num_workers=2"))
+    assert "[15/15] done " in output and "benchmark: 15 job(s) to run on ray, 0 already done" in output
+    assert _numbers(out) == _numbers(sequential) and _tables(out) == _tables(sequential)
+    records = _lines(out / "jobs.jsonl")
+    assert len(records) == 15 and all(r["status"] == "ok" and r["executor"] == "ray" for r in records)
+    assert _overlapping(records), "no two jobs ran at the same time"
+    assert len({r["pid"] for r in records}) == 2  # two workers (Ray reuses them across jobs)
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_through_submitit_local_equals_sequential(sequential, shared_data, tmp_path):
+    out = tmp_path / "b"
+    output = _finish(_benchmark_cli(out, shared_data, "bench.executor=submitit_local"))
+    assert "[15/15] done " in output
+    assert _numbers(out) == _numbers(sequential) and _tables(out) == _tables(sequential)
+    records = _lines(out / "jobs.jsonl")
+    assert len(records) == 15 and len({r["pid"] for r in records}) == 15 and _overlapping(records)  # a process per job
+    assert len(list((out / "submitit").glob("*_result.pkl"))) == 15
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_ray_benchmark_rerun_redoes_only_unfinished_work(sequential, shared_data, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "b"
+    proc = _benchmark_cli(out, shared_data, "bench.executor=ray", "bench.ray.num_workers=2")
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        records = _lines(out / "jobs.jsonl") if (out / "jobs.jsonl").is_file() else []
+        if sum(r["status"] == "ok" and r["job"].startswith("train/") for r in records) >= 2:
+            break
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray processes are on their own
+    proc.communicate()
+    time.sleep(5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # then whatever is left of that run (test hygiene)
+    except ProcessLookupError:
+        pass
+    first = _lines(out / "jobs.jsonl")
+    finished = {r["job"] for r in first if r["status"] == "ok"}
+    assert 3 <= len(finished) < 15 and not (out / "table3.md").exists()
+
+    output = _finish(_benchmark_cli(out, shared_data, "bench.executor=ray", "bench.ray.num_workers=2"))
+    second = _lines(out / "jobs.jsonl")[len(first) :]
+    import re
+
+    todo, already = map(int, re.search(r"benchmark: (\d+) job\(s\) to run on ray, (\d+) already done", output).groups())
+    # nothing that had finished is run again (a job finished but not yet reported at the kill counts as done too)
+    assert already >= len(finished) and todo + already == 15 and len(second) == todo
+    assert not ({r["job"] for r in second} & finished) and {r["job"] for r in second} <= set(_all_jobs())
+    assert all(r["status"] == "ok" for r in second)
+    for records in out.glob("eval/*/*/records.jsonl"):
+        ids = [r["case_id"] for r in _lines(records)]
+        assert len(ids) == len(set(ids)) == 4  # no record twice
+    assert _numbers(out) == _numbers(sequential) and _tables(out) == _tables(sequential)
+
+
+def _all_jobs() -> list[str]:
+    variants = {"baseline": "tau1-1_beta0", "dif": "tau1-1_beta0", "dif_tas": "tau1-1_beta0", "dif_tas_adm": "tau1.5-0.7_beta0.4"}
+    subjects = ("can", "dog")
+    return ["manifest", *(f"adm/{s}" for s in subjects), *(f"train/{v}/{s}" for v in set(variants.values()) for s in subjects),
+            *(f"eval/{row}/{s}" for row in variants for s in subjects)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Hydra sweeps on the engines
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["train", "adm", "eval"])
+def test_launcher_configs_compose_for_every_entry_point(entry):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    launchers = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for name in ("ray", "submitit_slurm", "submitit_local"):
+            cfg = compose(entry, [f"hydra/launcher={name}", "hydra.launcher.timeout_min=30" if name != "ray" else "hydra.launcher.ray.remote.num_gpus=1"],
+                          return_hydra_config=True)  # fmt: skip
+            launchers[name] = cfg.hydra.launcher
+    assert launchers["ray"]._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert launchers["ray"].ray.remote.num_gpus == 1 and launchers["ray"].ray.init.address is None
+    slurm = launchers["submitit_slurm"]
+    assert slurm._target_.endswith("SlurmLauncher") and launchers["submitit_local"]._target_.endswith("LocalLauncher")
+    assert (slurm.timeout_min, slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb, slurm.partition) == (30, 1, 8, 64, None)
+    # every key the plugin's own schema has (the plugin reads them all), so ours can replace it
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+    from omegaconf import OmegaConf
+
+    assert set(OmegaConf.structured(SlurmQueueConf)) == set(slurm)
+    assert set(OmegaConf.structured(LocalQueueConf)) == set(launchers["submitit_local"])
+
+
+@pytest.mark.slow
+def test_sweeps_run_on_ray_and_submitit_each_job_in_its_own_run_dir(tmp_path, shared_data, bench):
+    """`src/train.py -m subject=can,dog hydra/launcher=ray`, `src/adm.py -m ... hydra/launcher=submitit_local`,
+    `src/eval.py -m dif.lambda_=0,1 hydra/launcher=ray`: one run dir (and W&B run) per job."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    common = ["model=tiny", f"paths.dreambooth_dir={shared_data / 'dreambooth'}"]
+    runs = {
+        "train": ["-m", "subject=can,dog", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "trainer.accelerator=cpu",
+                  "trainer.precision=32-true", "trainer.max_steps=1", "validation.every_n_steps=0", "data.mask_variants=1"],
+        "adm": ["-m", "subject=can,dog", "hydra/launcher=submitit_local", "logger=none", "vlm=offline", "adm.num_prompts=1", "adm.batch_size=1",
+                "adm.num_inference_steps=1", "adm.resolution=64", "adm.device=cpu", f"paths.adm_dir={tmp_path / 'adm'}"],
+        "eval": ["-m", "dif.lambda_=0,1", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "metrics=tiny", "device=cpu",
+                 "metrics.device=cpu", "steps=1", "limit=1", "fid=false", f"manifest={bench.manifest}", "lora_dir=null", "subject=custom",
+                 "subject.name=thing", "subject.class_noun=thing", f"subject.image_dir={bench.refs}"],
+    }  # fmt: skip
+    for entry, args in runs.items():
+        sweep = tmp_path / f"sweep_{entry}"
+        proc = subprocess.run([sys.executable, str(REPO / "src" / f"{entry}.py"), *common, *args, f"hydra.sweep.dir={sweep}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=900, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+        assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_"), jobs
+        for job in jobs:
+            if entry == "train":
+                assert (sweep / job / "lora" / "pytorch_lora_weights.safetensors").is_file()
+                assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
+            elif entry == "eval":
+                assert json.loads((sweep / job / "summary.json").read_text())["cases"] == 2
+                assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
+        if entry == "adm":
+            assert sorted(p.name for p in (tmp_path / "adm").iterdir()) == ["can", "dog"]
+            assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitit's job folders
+        if entry == "eval":
+            assert sorted(r["lambda"] for r in json.loads((sweep / "results.json").read_text())) == [0.0, 1.0]
