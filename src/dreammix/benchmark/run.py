@@ -121,7 +121,18 @@ def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> Benchm
     if not manifest.is_file():
         print("no manifest: no tables")
         return result
-    write_tables(cfg, plan, result, conf)
+    threads = bench.get("torch_threads")
+    if threads:  # the tables score the real images and compute FID here, like a job would
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            write_tables(cfg, plan, result, conf)
+        finally:
+            torch.set_num_threads(previous)
+    else:
+        write_tables(cfg, plan, result, conf)
     return result
 
 
