@@ -23,8 +23,14 @@ from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
+from dreammix.data.segmented_masks import source_mask_segmenter
 from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
+from dreammix.guards import FiniteGuard
+from dreammix.interrupt import InterruptCheckpoint
+from dreammix.paths import ensure_writable_dir
+from dreammix.preflight import check_before_loading
+from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
@@ -102,7 +108,9 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     subject = Subject.from_config(cfg.subject)
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
-    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
+    data = DataSpec.from_config(cfg.data)
+    check_before_loading(subject, data, lora, ckpt_path)
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), data, loss, lora, optim, ckpt_path)
 
 
 def _callbacks(
@@ -113,7 +121,8 @@ def _callbacks(
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None, save_top_k=-1, save_last=True,
-        )
+        ),
+        FiniteGuard(), InterruptCheckpoint(run_dir / "checkpoints"),  # see dreammix.guards / dreammix.interrupt
     ]
     val = cfg.validation
     if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
@@ -142,16 +151,17 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
-    run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
+    segment_masks = source_mask_segmenter(cfg, specs.subject, device)  # data.missing_mask=segment
     pipe = load_pipeline(specs.model, resolve_dtype(specs.model.weight_dtype, device))
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
     encoder = FrozenInputEncoder(pipe, device)
     datamodule = DreamMixDataModule(
-        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
+        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed),
+        segment_masks=segment_masks,
     )
     datamodule.setup("fit")
     callbacks = _callbacks(cfg, specs, pipe, encoder, datamodule.source_examples, run_dir)
@@ -175,6 +185,7 @@ def train(cfg: DictConfig) -> Path:
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
+        check_finite_tensors({n: p for n, p in module.named_parameters() if "lora_" in n}, "the trained LoRA")  # never export NaNs
         if trainer.is_global_zero:  # DDP: every rank holds the same LoRA; one writes it
             weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
             _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
