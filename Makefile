@@ -40,8 +40,8 @@ benchmark-data: install
 	$(PY) src/build_benchmark.py
 
 # The whole reproduction (paper Tables 1 and 3): benchmark -> LoRAs (+ADM) -> generation -> scores ->
-# outputs/benchmark/table1.md, table3.md. BENCH=tiny: the same chain offline on CPU in under a
-# minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/.
+# outputs/benchmark/table1.md, table3.md. BENCH=tiny: the same chain offline on CPU in a minute or two
+# (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/.
 # EXECUTOR=local|ray|slurm runs the jobs (manifest, ADM, trainings, evaluations) in this process, on
 # Ray (WORKERS=N jobs at once on a local instance; RAY_ADDRESS=auto joins a cluster) or on SLURM;
 # ARGS='...' adds overrides (e.g. ARGS='bench.dry_run=true' lists every job and its command).
