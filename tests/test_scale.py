@@ -473,3 +473,26 @@ def test_sweeps_run_on_ray_and_submitit_each_job_in_its_own_run_dir(tmp_path, sh
             assert len(list((sweep / ".submitit").iterdir())) >= 2  # submitit's job folders
         if entry == "eval":
             assert sorted(r["lambda"] for r in json.loads((sweep / "results.json").read_text())) == [0.0, 1.0]
+
+
+def test_manifest_is_built_for_every_subject_so_later_subsets_share_it(compose, shared_data, tmp_path, capsys):
+    """`bench.subjects=[can]` then `bench.subjects=[dog]` on one out_dir: the first run's manifest job
+    builds every subject's cases, so the second run plans on it instead of stopping."""
+    from dreammix.benchmark.executors import LocalExecutor, execute
+    from dreammix.benchmark.jobs import plan_jobs
+    from dreammix.benchmark.manifest import read_manifest
+    from dreammix.benchmark.run import run_benchmark
+
+    out = tmp_path / "b"
+    cfg = _bench_cfg(compose, shared_data, out, "bench.subjects=[can]", "bench.experiments=[dif]")
+    manifest_job = plan_jobs(cfg, ["can"], None).jobs[0]
+    assert manifest_job.name == "manifest" and not any("benchmark.subjects" in o for o in manifest_job.overrides)
+    assert execute([manifest_job], LocalExecutor(), retries=0, out=out, conf_dir=None, echo=lambda line: None).done == ["manifest"]
+    subjects = {c.subject for c in read_manifest(out / "benchmark" / "manifest.jsonl")}
+    assert len(subjects) == 30 and {"can", "dog"} <= subjects
+    capsys.readouterr()
+    dog = run_benchmark(_bench_cfg(compose, shared_data, out, "bench.subjects=[dog]", "bench.experiments=[dif]", "bench.dry_run=true"))
+    assert dog.jobs == ["manifest", "train/tau1-1_beta0/dog", "eval/dif/dog"]
+    assert "[done] manifest" in capsys.readouterr().out
+    with pytest.raises(DreamMixError, match=r"subjects \['nobody'\] are not in the benchmark"):
+        run_benchmark(_bench_cfg(compose, shared_data, out, "bench.subjects=[nobody]", "bench.dry_run=true"))
