@@ -446,17 +446,17 @@ def test_sweeps_run_on_ray_and_submitit_each_job_in_its_own_run_dir(tmp_path, sh
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
     common = ["model=tiny", f"paths.dreambooth_dir={shared_data / 'dreambooth'}"]
     runs = {
-        "train": ["-m", "subject=can,dog", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "trainer.accelerator=cpu",
+        "train": ["subject=can,dog", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "trainer.accelerator=cpu",
                   "trainer.precision=32-true", "trainer.max_steps=1", "validation.every_n_steps=0", "data.mask_variants=1"],
-        "adm": ["-m", "subject=can,dog", "hydra/launcher=submitit_local", "logger=none", "vlm=offline", "adm.num_prompts=1", "adm.batch_size=1",
+        "adm": ["subject=can,dog", "hydra/launcher=submitit_local", "logger=none", "vlm=offline", "adm.num_prompts=1", "adm.batch_size=1",
                 "adm.num_inference_steps=1", "adm.resolution=64", "adm.device=cpu", f"paths.adm_dir={tmp_path / 'adm'}"],
-        "eval": ["-m", "dif.lambda_=0,1", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "metrics=tiny", "device=cpu",
+        "eval": ["dif.lambda_=0,1", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "logger=wandb", "metrics=tiny", "device=cpu",
                  "metrics.device=cpu", "steps=1", "limit=1", "fid=false", f"manifest={bench.manifest}", "lora_dir=null", "subject=custom",
                  "subject.name=thing", "subject.class_noun=thing", f"subject.image_dir={bench.refs}"],
     }  # fmt: skip
     for entry, args in runs.items():
         sweep = tmp_path / f"sweep_{entry}"
-        proc = subprocess.run([sys.executable, str(REPO / "src" / f"{entry}.py"), *common, *args, f"hydra.sweep.dir={sweep}"],
+        proc = subprocess.run([sys.executable, str(REPO / "src" / f"{entry}.py"), "-m", *common, *args, f"hydra.sweep.dir={sweep}"],
                               capture_output=True, text=True, cwd=REPO, timeout=900, env=env)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
