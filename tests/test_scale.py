@@ -172,7 +172,7 @@ def test_ddp_on_cpu_two_ranks_one_lora_different_samples_exact_resume(tmp_path, 
 
 
 def _bench_cfg(compose, shared_data, out: Path, *extra: str):
-    return compose("benchmark_run", ["bench=tiny", f"bench.shared_data={shared_data}", f"bench.out_dir={out}", f"run_dir={out / 'r'}", *extra])
+    return compose("benchmark_run", ["bench=tiny", f"bench.shared_data={shared_data}", f"bench.root={out}", f"run_dir={out / 'r'}", *extra])
 
 
 def test_dry_run_lists_every_job_with_its_command_and_the_full_count(compose, shared_data, tmp_path, capsys):
@@ -191,7 +191,8 @@ def test_dry_run_lists_every_job_with_its_command_and_the_full_count(compose, sh
     lines = out.splitlines()
     shard = lines.index(next(l for l in lines if "[todo] eval/dif/dog/shard-1-of-2" in l))
     command = lines[shard + 1].strip()
-    assert command.startswith("python src/eval.py ") and "experiment=dif subject=dog" in command and command.endswith("fid=false shard=1/2")
+    assert command.startswith("python src/eval.py ") and " experiment=dif " in command and " subject=dog " in command
+    assert command.endswith("fid=false shard=1/2") and " loss.beta=0.0 " in command  # the LoRA's training loss, checked
     merge = next(l for l in lines if "[todo] eval/dif/dog (after" in l)
     assert "(after eval/dif/dog/shard-0-of-2, eval/dif/dog/shard-1-of-2)" in merge
     train = lines.index(next(l for l in lines if "[todo] train/tau1.5-0.7_beta0.4/can" in l))
@@ -210,7 +211,7 @@ def test_executor_that_cannot_run_is_a_one_line_error(tmp_path, override, messag
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "RAY_ADDRESS": ""}
     extra = ["bench.executor=ray"] if override.startswith("bench.ray") else []
     proc = subprocess.run(
-        [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", f"bench.out_dir={tmp_path / 'b'}", "bench.experiments=[dif]",
+        [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", f"bench.root={tmp_path / 'b'}", "bench.experiments=[dif]",
          "bench.subjects=[can]", *extra, override, f"hydra.run.dir={tmp_path / 'r'}"],
         capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
     )  # fmt: skip
@@ -296,15 +297,16 @@ def _numbers(out: Path) -> dict:
 
 
 def _tables(out: Path) -> tuple[str, str]:
-    return tuple((out / name).read_text().replace(str(out), "<out>") for name in ("table1.md", "table3.md"))
+    return tuple((out / name).read_text().replace(str(out.parent), "<root>") for name in ("table1.md", "table3.md"))
 
 
 def _benchmark_cli(out: Path, shared: Path, *extra: str, **popen) -> subprocess.Popen:
+    """`make benchmark BENCH=tiny ...`'s command with its results in ``out`` (= <bench.root>/paper)."""
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
-    cmd = [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", f"bench.shared_data={shared}", f"bench.out_dir={out}",
-           f"hydra.run.dir={out / 'run'}", *extra]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "src" / "benchmark.py"), "bench=tiny", "preset=paper", f"bench.shared_data={shared}",
+           f"bench.root={out.parent}", f"hydra.run.dir={out.parent / 'run'}", *extra]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
 
 
@@ -326,7 +328,7 @@ def _finish(proc: subprocess.Popen, timeout: int = 1500) -> str:
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory, shared_data):
     """The tiny benchmark run one job after another in one process (bench.executor=local)."""
-    out = tmp_path_factory.mktemp("sequential") / "b"
+    out = tmp_path_factory.mktemp("sequential") / "b" / "paper"
     _finish(_benchmark_cli(out, shared_data))
     return out
 
@@ -339,7 +341,7 @@ def _overlapping(records: list[dict]) -> list[tuple[str, str]]:
 
 @pytest.mark.slow
 def test_tiny_benchmark_on_ray_two_workers_equals_sequential_and_jobs_overlap(sequential, shared_data, tmp_path):
-    out = tmp_path / "b"
+    out = tmp_path / "b" / "paper"
     output = _finish(_benchmark_cli(out, shared_data, "bench.executor=ray", "bench.ray.num_workers=2"))
     assert "[15/15] done " in output and "benchmark: 15 job(s) to run on ray, 0 already done" in output
     assert _numbers(out) == _numbers(sequential) and _tables(out) == _tables(sequential)
@@ -351,7 +353,7 @@ def test_tiny_benchmark_on_ray_two_workers_equals_sequential_and_jobs_overlap(se
 
 @pytest.mark.slow
 def test_tiny_benchmark_through_submitit_local_equals_sequential(sequential, shared_data, tmp_path):
-    out = tmp_path / "b"
+    out = tmp_path / "b" / "paper"
     output = _finish(_benchmark_cli(out, shared_data, "bench.executor=submitit_local"))
     assert "[15/15] done " in output
     assert _numbers(out) == _numbers(sequential) and _tables(out) == _tables(sequential)
@@ -366,7 +368,7 @@ def test_driver_killed_mid_ray_benchmark_rerun_redoes_only_unfinished_work(seque
     import signal
     import time
 
-    out = tmp_path / "b"
+    out = tmp_path / "b" / "paper"
     proc = _benchmark_cli(out, shared_data, "bench.executor=ray", "bench.ray.num_workers=2")
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:

@@ -568,6 +568,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
     ``pipe_factory`` / ``metric_suite`` replace the model loading (tests count calls through them).
     """
+    if cfg.get("multi_subject"):  # `src/eval.py -cn eval_multi`: two subjects per photo
+        from dreammix.multi_eval import evaluate_multi
+
+        return evaluate_multi(cfg)
     # 1. Everything checkable before loading a model
     run_dir = Path(str(cfg.run_dir))
     row = str(cfg.get("row", "custom"))
@@ -639,9 +643,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         "dif": OmegaConf.to_container(cfg.dif, resolve=True),
         "tas": OmegaConf.to_container(cfg.tas, resolve=True),
         "lora_training": None if lora is None else (lora.get("run") or {}).get("loss"),
+        "base_model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.pretrained)},
     }
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    title = f"Evaluation: {row} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
+    title = f"Evaluation: {row} / {subject} on `{cfg.model.name}` (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
     log_to_wandb(cfg, run_dir, mine, summary)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)

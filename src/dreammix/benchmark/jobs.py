@@ -265,6 +265,8 @@ class Plan:
     eval_overrides: list[str]  # common to every evaluation (the tables compose with them too)
     eval_dirs: dict[str, dict[str, Path]] = field(default_factory=dict)
     variants: dict[str, str] = field(default_factory=dict)  # row → training variant
+    train_of: dict[str, str] = field(default_factory=dict)  # row → the conf/experiment its LoRA is trained with
+    preset: Any = None  # dreammix.benchmark.presets.BenchPreset
 
 
 def loss_variant(loss: Any) -> str:
@@ -272,6 +274,8 @@ def loss_variant(loss: Any) -> str:
     name = f"tau{float(loss.tau_in):g}-{float(loss.tau_out):g}_beta{float(loss.beta):g}"
     if float(loss.beta) > 0 and str(loss.get("regular_mode", "paired")) != "paired":
         name += f"_{loss.regular_mode}{float(loss.regular_prob):g}"
+    if str(loss.get("weighting", "squared_error")) != "squared_error":
+        name += f"_{loss.weighting}"
     return name
 
 
@@ -286,12 +290,18 @@ def all_subjects(conf: Path) -> list[str]:
 
 
 def plan_jobs(cfg: DictConfig, subjects: Sequence[str], conf: Path | None) -> Plan:
-    """The job graph of ``cfg.bench`` for ``subjects`` (module docstring)."""
+    """The job graph of ``cfg.bench`` for ``subjects`` (module docstring), with the preset's
+    training experiment per row (``conf/preset``) and its extra overrides."""
+    from dreammix.benchmark.presets import BenchPreset
     from dreammix.evaluate import RUN_INFO_NAME
     from dreammix.models.lora import LORA_WEIGHTS_NAME
 
     bench = cfg.bench
     ov = override_lists(bench)
+    preset = BenchPreset.from_config(cfg.get("preset"))
+    preset.check([str(e) for e in bench.experiments], conf or CONF_DIR)
+    ov["train_overrides"] += list(preset.train_overrides)
+    ov["eval_overrides"] += list(preset.eval_overrides)
     out = Path(str(bench.out_dir)).absolute()
     bench_dir = Path(str(bench.benchmark_dir)).absolute()
     manifest = bench_dir / MANIFEST_NAME
@@ -303,30 +313,39 @@ def plan_jobs(cfg: DictConfig, subjects: Sequence[str], conf: Path | None) -> Pl
     jobs = [Job("manifest", "build_benchmark", (*ov["paths_overrides"], kv("benchmark.out_dir", bench_dir), *ov["build_overrides"]),
                 gpu=False, done_files=(str(manifest),))]  # fmt: skip
     plan = Plan(jobs, list(subjects), experiments, manifest, out,
-                [*ov["paths_overrides"], *ov["overrides"], *ov["eval_overrides"], kv("benchmark.out_dir", bench_dir)])  # fmt: skip
+                [*ov["paths_overrides"], *ov["overrides"], *ov["eval_overrides"], kv("benchmark.out_dir", bench_dir)],
+                preset=preset)  # fmt: skip
     if not subjects:
         return plan
     train_base = [*ov["paths_overrides"], *ov["overrides"], *ov["train_overrides"]]
-    trainer_row: dict[str, tuple[str, float]] = {}  # variant → (first row training it, beta)
+    trainer_row: dict[str, tuple[str, float]] = {}  # variant → (training experiment, beta)
+    row_loss: dict[str, list[str]] = {}  # evaluation checks each LoRA against the loss it was trained with
     for row in experiments:
-        probe = compose_config("train", [*train_base, kv("experiment", row), kv("subject", subjects[0]), kv("run_dir", out / "_probe")], conf)
+        plan.train_of[row] = preset.train_experiment(row)
+        probe = compose_config("train", [*train_base, kv("experiment", plan.train_of[row]), kv("subject", subjects[0]),
+                                         kv("run_dir", out / "_probe")], conf)  # fmt: skip
+        if row == experiments[0]:
+            preset.check_base(probe.model)
         plan.variants[row] = loss_variant(probe.loss)
-        trainer_row.setdefault(plan.variants[row], (row, float(probe.loss.beta)))
-    adm_jobs: dict[str, str] = {}
+        trainer_row.setdefault(plan.variants[row], (plan.train_of[row], float(probe.loss.beta)))
+        row_loss[row] = [kv(f"loss.{k}", probe.loss[k]) for k in ("tau_in", "tau_out", "beta")]
+    adm_jobs: dict[str, str] = {}  # regular-set folder → its ADM job
     for subject in subjects:
-        for variant, (row, beta) in trainer_row.items():
-            base = [*train_base, kv("experiment", row), kv("subject", subject)]
+        for variant, (experiment, beta) in trainer_row.items():
+            base = [*train_base, kv("experiment", experiment), kv("subject", subject)]
             run_dir = out / "loras" / variant / subject
             deps: tuple[str, ...] = ()
             if beta > 0 and bool(bench.get("adm", True)):
-                if subject not in adm_jobs:
-                    regular_dir = compose_config("train", [*base, kv("run_dir", run_dir)], conf).data.regular_dir
+                regular_dir = str(compose_config("train", [*base, kv("run_dir", run_dir)], conf).data.regular_dir)
+                if regular_dir not in adm_jobs:  # the experiment picks the kind of set (dreambooth_prior: Eq. 2)
                     overrides = (*ov["paths_overrides"], *ov["overrides"], *ov["adm_overrides"], kv("subject", subject),
-                                 kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / subject))  # fmt: skip
+                                 kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / Path(regular_dir).name),
+                                 kv("experiment", experiment))  # fmt: skip
                     wanted = int(compose_config("adm", overrides, conf).adm.num_prompts)
-                    jobs.append(Job(f"adm/{subject}", "adm", overrides, regular=(str(regular_dir), wanted)))
-                    adm_jobs[subject] = jobs[-1].name
-                deps = (adm_jobs[subject],)
+                    name = f"adm/{subject}" if Path(regular_dir).name == subject else f"adm/{Path(regular_dir).name}/{subject}"
+                    jobs.append(Job(name, "adm", overrides, regular=(regular_dir, wanted)))
+                    adm_jobs[regular_dir] = jobs[-1].name
+                deps = (adm_jobs[regular_dir],)
             lora = run_dir / "lora"
             jobs.append(Job(f"train/{variant}/{subject}", "train", (*base, kv("run_dir", run_dir)), deps,
                             done_files=(str(lora / RUN_INFO_NAME), str(lora / LORA_WEIGHTS_NAME)),
@@ -337,8 +356,8 @@ def plan_jobs(cfg: DictConfig, subjects: Sequence[str], conf: Path | None) -> Pl
             run_dir = out / "eval" / row / subject
             plan.eval_dirs[row][subject] = run_dir
             lora = out / "loras" / plan.variants[row] / subject / "lora"
-            base = (*plan.eval_overrides, kv("experiment", row), kv("subject", subject), kv("lora_dir", lora), kv("run_dir", run_dir),
-                    "fid=false")  # fmt: skip  (FID: over the row's whole set, in the tables)
+            base = (*plan.eval_overrides, kv("experiment", row), *row_loss[row], kv("subject", subject), kv("lora_dir", lora),
+                    kv("run_dir", run_dir), "fid=false")  # fmt: skip  (FID: over the row's whole set, in the tables)
             upstream = ("manifest", f"train/{plan.variants[row]}/{subject}")
             name = f"eval/{row}/{subject}"
             if shards == 1:

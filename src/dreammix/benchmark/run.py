@@ -205,6 +205,7 @@ def mark_missing(rows: dict[str, dict[str, Any]], expected: dict[str, dict[str, 
 
 def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path | None) -> None:
     """``table1.md``, ``table3.md``, ``results.json`` from the evaluation runs on disk."""
+    from dreammix.benchmark.presets import describe_setup
     from dreammix.benchmark.report import merge_runs, table1_markdown, table3_markdown
     from dreammix.evaluate import fid_of, make_fid_extractor, select_cases
 
@@ -239,7 +240,8 @@ def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path |
 
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else {}
     note = (
-        f"Benchmark `{bench.name}`: {len(subjects)} subjects ({', '.join(subjects)}), manifest `{manifest}`."
+        f"Benchmark `{bench.name}`: {len(subjects)} subjects ({', '.join(subjects)}), manifest `{manifest}`. "
+        + describe_setup(report_cfg.model, plan.preset)
         + (" Tiny random models: the values only show that the chain runs." if str(bench.name) == "tiny" else "")
     )
     fid_note = (
@@ -247,6 +249,9 @@ def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path |
         + (" (colour statistics, not comparable with published FID)." if str(report_cfg.fid_extractor) != "inception" else ".")
         if extractor is not None else "FID: not computed (bench.fid=false)."
     )  # fmt: skip
+    if any("fid" in (v or {}) for v in ((paper.get("table1") or {}).get("dreammix") or {}).values()):
+        fid_note += (" The published FID of the DreamMix (paper) row is unverified: the paper text we reproduce from"
+                     " has numbers for Table 3 only (CLIP-T / CLIP-I / DINO, equal to its ++ADM row).")
     table1_row = str(bench.get("table1_experiment", "dif_tas_adm"))
     atomic_write_bytes(result.table3, table3_markdown(rows, paper.get("table3") or {}, experiments, note=note).encode("utf-8"))
     atomic_write_bytes(
@@ -256,6 +261,9 @@ def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path |
     )  # fmt: skip
     payload = {
         "benchmark": bench.name,
+        "preset": plan.preset.name,
+        "base_model": {"name": str(report_cfg.model.name), "pretrained": str(report_cfg.model.pretrained)},
+        "train_experiments": plan.train_of,
         "subjects": subjects,
         "manifest": str(manifest),
         "rows": {e: {"tasks": rows[e]["tasks"], "fid": fid.get(e), "runs": {s: str(p) for s, p in result.eval_dirs[e].items()}} for e in experiments},
