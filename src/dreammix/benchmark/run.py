@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreammix.atomic import atomic_write_bytes
 from dreammix.benchmark.executors import EXECUTORS, Execution, execute, make_executor
 from dreammix.benchmark.jobs import CONF_DIR, MODELS, ModelCache, Plan, all_subjects, compose_config, kv, loss_variant, plan_jobs
+from dreammix.benchmark.jobs import override_lists as _lists  # noqa: F401 - the name tests and older callers use
 from dreammix.benchmark.manifest import MANIFEST_NAME, read_manifest
 from dreammix.errors import DreamMixError
 
@@ -113,7 +114,7 @@ def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> Benchm
         executor.close()
     ran = set(result.execution.done)
     result.trained = [j.name.removeprefix("train/") for j in plan.jobs if j.kind == "train" and j.name in ran]
-    result.adm_built = [j.name.removeprefix("adm/") for j in plan.jobs if j.kind == "adm" and j.name in ran]
+    result.adm_built = [j.name.rsplit("/", 1)[-1] for j in plan.jobs if j.kind == "adm" and j.name in ran]  # subjects
     for name, failure in result.execution.failed.items():
         print(f"FAILED {name}: {failure['reason']} (log: {failure['log']})")
     if result.execution.blocked:
