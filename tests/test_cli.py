@@ -24,7 +24,7 @@ def run_train(args, cwd, env_extra=None, wait=True):
     "args,message",
     [
         (["subject=nope"], "Could not find 'subject/nope'"),
-        (["subject=can", "paths.dreambooth_dir=/nonexistent"], "image folder of subject 'can' not found"),
+        (["subject=can", "paths.dreambooth_dir=/nonexistent"], "its download failed"),
         (["subject=custom"], "Missing mandatory value: subject.class_noun"),
         (["model=tiny", "trainer.max_steps=abc"], "expected int, got 'abc' (trainer.max_steps)"),
         (["model=tiny", "lora.rank=0"], "rank must be >= 1, got 0 (lora.rank)"),

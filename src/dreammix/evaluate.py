@@ -193,6 +193,10 @@ def reference_images(cfg: DictConfig) -> list[Path]:
     from dreammix.data.images import list_images
 
     folder = Path(str(cfg.references if cfg.get("references") else cfg.subject.image_dir))
+    if not cfg.get("references"):
+        from dreammix.data.subjects import Subject, ensure_subject_images
+
+        ensure_subject_images(Subject.from_config(cfg.subject), OmegaConf.select(cfg, "paths.dreambooth_dir"))
     if not folder.is_dir():
         raise DreamMixError("reference image folder not found", "references" if cfg.get("references") else "subject.image_dir")
     paths = list_images(folder)

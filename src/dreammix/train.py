@@ -23,7 +23,7 @@ from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
-from dreammix.data.subjects import Subject
+from dreammix.data.subjects import Subject, ensure_subject_images
 from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
@@ -100,6 +100,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     if ckpt_path is not None and not ckpt_path.is_file():
         raise DreamMixError(f"checkpoint not found: {ckpt_path}", "ckpt_path")
     subject = Subject.from_config(cfg.subject)
+    ensure_subject_images(subject, OmegaConf.select(cfg, "paths.dreambooth_dir"))
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
     return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
