@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from dreammix.atomic import atomic_write_text
-from dreammix.callbacks import SampleGridCallback
+from dreammix.callbacks import SampleGridCallback, progress_callbacks
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
@@ -28,7 +29,7 @@ from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
-from dreammix.tracking import wandb_enabled, wandb_init_kwargs
+from dreammix.tracking import log_lora_artifact, train_loggers, wandb_logger_of
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,6 @@ def _validation_inputs(examples: list, resolution: int, count: int):
         images.append(Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)))
         masks.append(Image.fromarray((mask.numpy() * 255).astype(np.uint8), mode="L"))
     return images, masks
-
-
-def _logger(cfg: DictConfig, run_dir: Path):
-    if not wandb_enabled(cfg):
-        return False
-    from lightning.pytorch.loggers import WandbLogger
-
-    kwargs = wandb_init_kwargs(cfg, f"{cfg.task_name}-{cfg.run_name}-{run_dir.name}", run_dir, "train")
-    return WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)  # WandbLogger names wandb.init's `dir` save_dir
 
 
 @dataclass(frozen=True)
@@ -145,6 +137,7 @@ def train(cfg: DictConfig) -> Path:
     specs = train_specs(cfg)
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
+    loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
     pipe = load_pipeline(specs.model, resolve_dtype(specs.model.weight_dtype, device))
@@ -166,10 +159,13 @@ def train(cfg: DictConfig) -> Path:
         pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
         gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed),
     )
-    logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
+    progress, trainer_kwargs["enable_progress_bar"] = progress_callbacks(
+        int(cfg.trainer.max_steps), OmegaConf.select(cfg, "progress.every_n_steps"),
+        terminal=sys.stdout.isatty(), bar=bool(trainer_kwargs.get("enable_progress_bar", True)),
+    )
     trainer = L.Trainer(
-        **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
+        **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks + progress,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
@@ -177,8 +173,9 @@ def train(cfg: DictConfig) -> Path:
         weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
         _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
         log.info("LoRA written to %s", weights)
+        log_lora_artifact(loggers, run_dir / "lora", specs.subject.name, trainer.global_step)
     finally:
-        if logger:
+        if wandb_logger_of(loggers) is not None:
             import wandb
 
             wandb.finish()  # one W&B run per Hydra job, also in multirun
