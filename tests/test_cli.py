@@ -59,7 +59,7 @@ def test_multirun_gives_each_job_its_own_dir_and_wandb_run(tmp_path, shared_data
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "outputs" / "train" / "multirun").glob("*/*_*"))
-    assert [j.name for j in jobs] == ["0_can", "1_teapot"]
+    assert [j.name for j in jobs] == ["0_subject=can", "1_subject=teapot"]  # named by the swept values
     run_ids = set()
     for job in jobs:
         assert (job / "lora" / "pytorch_lora_weights.safetensors").is_file()

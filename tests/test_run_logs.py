@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import json
 import io
 import logging
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -151,3 +153,62 @@ def test_training_with_stdout_in_a_file_logs_progress_and_a_browsable_wandb_run(
     weights = (run_dir / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
     assert digests["pytorch_lora_weights.safetensors"] == base64.b64encode(hashlib.md5(weights).digest()).decode()
     assert "dreammix_run.json" in digests
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps: names from the swept values
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sweep_job_names_come_from_the_swept_values_only(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dreammix.sweeps import dirname, swept_values
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save({"hydra": {"overrides": {"task": ["model=tiny", "subject=can,teapot", "loss.beta=range(0,2)",
+                                                     "lora_dir=/a/b/lora"]}}}, sweep / "multirun.yaml")
+    job = ["model=tiny", "subject=teapot", "loss.beta=1", "lora_dir=/a/b/lora"]
+    assert swept_values(job, sweep) == ["subject=teapot", "loss.beta=1"]
+    assert swept_values(job, tmp_path / "no-such-sweep") == job  # unknown: every override
+    assert dirname(["subject=teapot", "loss.beta=1"]) == "subject=teapot,loss.beta=1"
+    assert dirname(["lora_dir=/a/b c/lora"]) == "lora_dir=_a_b_c_lora"  # one folder level, no spaces
+    long_a, long_b = [f"x={'a' * 300}"], [f"x={'a' * 299}b"]
+    assert len(dirname(long_a)) <= 120 and dirname(long_a) != dirname(long_b)
+
+
+def _overrides_of(subject):
+    return [*_subject_overrides(subject), "validation.every_n_steps=1", "validation.num_inference_steps=1",
+            "trainer.log_every_n_steps=1", "experiment=dreambooth"]
+
+
+@pytest.mark.slow
+def test_train_sweeps_are_grouped_named_by_values_unique_and_tabled(tmp_path):
+    subject = make_subject(tmp_path / "subject", n=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    for _ in range(2):  # two sweeps with the same values
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "src" / "train.py"), "-m", *_overrides_of(subject),
+                                 "trainer.max_steps=1,2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    sweeps = sorted((tmp_path / "outputs" / "train" / "multirun").iterdir())
+    assert len(sweeps) == 2
+    names = []
+    for sweep in sweeps:
+        assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_trainer.max_steps=1", "1_trainer.max_steps=2"]
+        runs = offline_runs(sweep)
+        assert {r.group for r in runs} == {f"train-sweep-{sweep.name}"}
+        assert sorted(tuple(r.tags) for r in runs) == [(f"sweep:{sweep.name}", "trainer.max_steps=1"),
+                                                       (f"sweep:{sweep.name}", "trainer.max_steps=2")]
+        names += [r.name for r in runs]
+        assert all("trainer.max_steps=" in n and sweep.name in n for n in names[-2:])
+        rows = json.loads((sweep / "results.json").read_text())
+        assert [(r["swept"], r["steps"], r["last_loss_step"]) for r in rows] == [
+            ("trainer.max_steps=1", 1, 0), ("trainer.max_steps=2", 2, 1)]
+        for row in rows:
+            with open(Path(row["lora"]).parent / "metrics.csv") as handle:
+                assert row["last_loss"] == pytest.approx(float(list(csv.DictReader(handle))[-1]["train/loss"]))
+        assert "| 1_trainer.max_steps=2 | trainer.max_steps=2 | thing |" in (sweep / "results.md").read_text()
+    assert len(set(names)) == 4  # unique across the two sweeps

@@ -36,22 +36,6 @@ def _hydra_config():
         return None
 
 
-def swept_overrides(hydra_cfg) -> list[str]:
-    """This job's ``key=value`` for every key its sweep varies (all its overrides when the sweep's
-    ``multirun.yaml`` cannot be read)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    job = [str(o) for o in hydra_cfg.overrides.task]
-    multirun = Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml"
-    try:
-        sweep = OmegaConf.load(multirun).hydra.overrides.task
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in sweep])
-        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-    except Exception:  # noqa: BLE001 - a launcher that writes no multirun.yaml: name by every override
-        return job
-    return [o for o in job if o.split("=", 1)[0].lstrip("+~") in swept] or job
-
-
 def sweep_identity(hydra_cfg, task_name: str) -> dict[str, Any] | None:
     """``group``, ``name``, ``tags`` of a multirun job (None for a single run)."""
     from hydra.types import RunMode
@@ -59,7 +43,9 @@ def sweep_identity(hydra_cfg, task_name: str) -> dict[str, Any] | None:
     if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     sweep_id = Path(str(hydra_cfg.sweep.dir)).name
-    values = swept_overrides(hydra_cfg)
+    from dreammix.sweeps import swept_values
+
+    values = swept_values(hydra_cfg.overrides.task, hydra_cfg.sweep.dir)
     return {
         "group": f"{task_name}-sweep-{sweep_id}",
         "name": f"{task_name}-{sweep_id}-{hydra_cfg.job.num}-{','.join(values)}",

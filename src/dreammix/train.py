@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +120,14 @@ def _callbacks(
     return callbacks
 
 
-def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Path) -> None:
+def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Path, seconds: float | None = None) -> None:
     """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings)."""
     info = {
         "subject": specs.subject.name, "class_noun": specs.subject.class_noun,
         "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
         "lora": {"rank": specs.lora.rank, "alpha": specs.lora.alpha, "target_modules": list(specs.lora.target_modules)},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "train_seconds": seconds,  # this process's fit (a resumed run: the part after the resume)
     }
     atomic_write_text(lora_dir / RUN_INFO_NAME, json.dumps(info, indent=2))
 
@@ -169,9 +171,10 @@ def train(cfg: DictConfig) -> Path:
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
+        started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
         weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
-        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
+        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora", time.perf_counter() - started)
         log.info("LoRA written to %s", weights)
         log_lora_artifact(loggers, run_dir / "lora", specs.subject.name, trainer.global_step)
     finally:
