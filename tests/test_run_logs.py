@@ -121,7 +121,8 @@ def test_training_with_stdout_in_a_file_logs_progress_and_a_browsable_wandb_run(
     env.pop("HYDRA_FULL_ERROR", None)
     args = [*_subject_overrides(subject), "experiment=dreambooth", "trainer.max_steps=6",
             "trainer.accumulate_grad_batches=2", "progress.every_n_steps=2", "trainer.log_every_n_steps=1",
-            "validation.every_n_steps=3", "validation.num_inference_steps=2", "optim.lr=2e-4"]
+            "validation.every_n_steps=3", "validation.num_inference_steps=2", "validation.num_samples=1",
+            "optim.lr=2e-4", "+subject.attributes.color=[blue]"]
     with open(tmp_path / "stdout.txt", "w") as out:
         result = subprocess.run([sys.executable, str(REPO_ROOT / "src" / "train.py"), *args], cwd=tmp_path, env=env,
                                 stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
@@ -146,6 +147,13 @@ def test_training_with_stdout_in_a_file_logs_progress_and_a_browsable_wandb_run(
     logged = [row for row in run.history if "train/loss" in row]
     assert [row["trainer/global_step"] for row in logged] == list(range(6))
     assert all(row["train/lr"] == pytest.approx(2e-4) for row in logged)
+    # validation panels with their captions at steps 3 and 6 (one training photo: no COCO here)
+    captions = [row["val/samples/captions"] for row in run.history if "val/samples/captions" in row]
+    assert captions == [[f"train:00 | a photo of sks thing | step {k} | λ=0.7 | TAS: -",
+                         f"train:00 | a red sks thing | step {k} | λ=0.7 | TAS: blue"] for k in (3, 6)]
+    grids = [row for row in run.history if "val/grid/filenames" in row]
+    assert len(grids) == 2 and all((run.files / row["val/grid/filenames"][0]).is_file() for row in grids)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
     # the final LoRA as an artifact: the same bytes as the run's lora/ folder
     (artifact,) = run.artifacts
     assert artifact.type == "lora" and artifact.name == "lora-thing"

@@ -15,22 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
 from dreammix.atomic import atomic_write_text
-from dreammix.callbacks import SampleGridCallback, progress_callbacks
+from dreammix.callbacks import progress_callbacks
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
-from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
+from dreammix.data.frozen import FrozenInputEncoder
 from dreammix.data.subjects import Subject, ensure_subject_images
 from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 from dreammix.tracking import log_lora_artifact, train_loggers, wandb_logger_of
+from dreammix.validation import ValidationSpec, validation_callback, validation_spec
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,6 @@ def _training_device(trainer_cfg) -> torch.device:
     if accelerator in ("gpu", "cuda"):
         raise DreamMixError("trainer.accelerator asks for a GPU but CUDA is not available", "trainer.accelerator")
     return torch.device("cpu")
-
-
-def _validation_inputs(examples: list, resolution: int, count: int):
-    """The first ``count`` source photos and masks at training resolution, as PIL images."""
-    images, masks = [], []
-    for example in examples[:count]:
-        pixels, mask = square_crop_resize(example, resolution)
-        images.append(Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)))
-        masks.append(Image.fromarray((mask.numpy() * 255).astype(np.uint8), mode="L"))
-    return images, masks
 
 
 @dataclass(frozen=True)
@@ -100,23 +89,17 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
 
 
 def _callbacks(
-    cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, source_examples: list, run_dir: Path
+    cfg: DictConfig, specs: TrainSpecs, val_spec: ValidationSpec, pipe, source_examples: list, run_dir: Path
 ) -> list[L.Callback]:
-    """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
+    """LoRA-only checkpoints every N steps, and validation panels when ``validation.every_n_steps`` > 0."""
     callbacks: list[L.Callback] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None, save_top_k=-1, save_last=True,
         )
     ]
-    val = cfg.validation
-    if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
-        images, masks = _validation_inputs(source_examples, specs.model.resolution, int(val.num_samples))
-        embeds, pooled = encoder.encode_prompts([specs.data.source_prompt])
-        callbacks.append(SampleGridCallback(
-            pipe, images, masks, embeds, pooled, run_dir / "samples", int(val.every_n_steps),
-            int(val.num_inference_steps), float(val.guidance_scale), int(cfg.seed),
-        ))
+    if val_spec.every_n_steps > 0 and val_spec.num_backgrounds > 0:
+        callbacks.append(validation_callback(cfg, val_spec, pipe, source_examples, specs.model.resolution, run_dir))
     return callbacks
 
 
@@ -137,6 +120,7 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
+    val_spec = validation_spec(cfg)
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
@@ -150,7 +134,7 @@ def train(cfg: DictConfig) -> Path:
         specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
     )
     datamodule.setup("fit")
-    callbacks = _callbacks(cfg, specs, pipe, encoder, datamodule.source_examples, run_dir)
+    callbacks = _callbacks(cfg, specs, val_spec, pipe, datamodule.source_examples, run_dir)
     # Everything the text encoders will ever produce is cached now: free their memory.
     pipe.text_encoder.to("cpu")
     pipe.text_encoder_2.to("cpu")
