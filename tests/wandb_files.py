@@ -95,6 +95,21 @@ def read_run(run_file: Path) -> OfflineRun:
     return run
 
 
-def offline_runs(root: Path) -> list[OfflineRun]:
-    """Every offline run under ``root`` (any depth), oldest first."""
-    return [read_run(f) for f in sorted(Path(root).rglob("offline-run-*/run-*.wandb"))]
+def _finished(run_file: Path) -> bool:
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in records(run_file))
+    except (AssertionError, ValueError, struct.error):
+        return False
+
+
+def offline_runs(root: Path, timeout: float = 60.0) -> list[OfflineRun]:
+    """Every offline run under ``root`` (any depth), oldest first. ``wandb.finish`` returns before
+    wandb's service process has written everything, so each file is read once it holds the run's
+    ``exit`` record (up to ``timeout`` seconds)."""
+    import time
+
+    files = sorted(Path(root).rglob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not all(_finished(f) for f in files) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [read_run(f) for f in files]

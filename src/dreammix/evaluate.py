@@ -42,7 +42,7 @@ from dreammix.benchmark.manifest import TASKS, Case, read_manifest
 from dreammix.benchmark.records import RecordLog
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
-from dreammix.tracking import wandb_enabled, wandb_init_kwargs
+from dreammix.eval_wandb import EvalTracker
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +278,10 @@ def generate_cases(
     run_dir: Path,
     eliminate: Mapping[str, Sequence[str]],
     pipe_factory: Callable[[DictConfig], Any] = load_eval_pipeline,
+    on_generated: Callable[[int, int, str], None] | None = None,
 ) -> int:
-    """Inpaint every case without an image on disk; each image is written atomically when done.
+    """Inpaint every case without an image on disk; each image is written atomically when done
+    (then ``on_generated(done, pending, case_id)``).
 
     Returns how many were generated. The seed is the case's own (``torch.Generator("cpu")``), so an
     image does not depend on which other cases ran before it, in this process or an earlier one.
@@ -328,6 +330,8 @@ def generate_cases(
             )
             atomic_save_image(result.images[0], image_path(run_dir, case))
             log.info("[%d/%d] %s", number, len(pending), case.case_id)
+            if on_generated is not None:
+                on_generated(number, len(pending), case.case_id)
     return len(pending)
 
 
@@ -367,8 +371,10 @@ def score_cases(
     eliminate: Mapping[str, Sequence[str]],
     batch_size: int,
     extra: Mapping[str, Any] | None = None,
+    on_scored: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Score the cases without a record, from their images on disk, ``batch_size`` at a time."""
+    """Score the cases without a record, from their images on disk, ``batch_size`` at a time
+    (after each batch ``on_scored(done, pending)``)."""
     from dreammix.data.images import load_image
 
     pending = records.pending(cases)
@@ -396,6 +402,8 @@ def score_cases(
                 }
             )
         log.info("scored %d of %d pending cases", min(start + len(batch), len(pending)), len(pending))
+        if on_scored is not None:
+            on_scored(min(start + len(batch), len(pending)), len(pending))
     return len(pending)
 
 
@@ -517,42 +525,6 @@ def score_real_images(suite: Any, paths: Sequence[Path], class_noun: str) -> dic
 # ------------------------------------------------------------------------------------------------
 
 
-def log_to_wandb(cfg: DictConfig, run_dir: Path, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
-    """One W&B run per job: the settings, a table of cases (thumbnail of the result and of the
-    inpainted crop, prompt, TAS words, scores) and the means as summary values."""
-    if not wandb_enabled(cfg):
-        return
-    import wandb
-
-    from dreammix.data.images import load_image
-    from dreammix.metrics.common import crop_region
-
-    run = wandb.init(**wandb_init_kwargs(cfg, f"eval-{cfg.run_name}-{run_dir.name}", run_dir, "eval"))
-    try:
-        size = int(cfg.get("thumbnail_size", 256))
-        table = wandb.Table(columns=["case_id", "subject", "task", "prompt", "eliminate", "result", "crop", *SCORE_KEYS])
-        for record in list(records)[: int(cfg.get("wandb_rows", 200))]:
-            path = run_dir / record["image"]
-            image = load_image(path)
-            crop = crop_region(image, record["box"], float(cfg.metrics.get("crop_scale", 1.0)))
-            image.thumbnail((size, size))
-            crop.thumbnail((size, size))
-            table.add_data(
-                record["case_id"], record["subject"], record["task"], record["prompt"], ", ".join(record.get("eliminate", [])),
-                wandb.Image(image), wandb.Image(crop), *[record[k] for k in SCORE_KEYS],
-            )  # fmt: skip
-        run.log({"eval/cases": table})
-        for task, entry in summary.get("tasks", {}).items():
-            for key, value in entry["mean"].items():
-                run.summary[f"{task}/{key}"] = value
-            run.summary[f"{task}/n"] = entry["n"]
-        for task, value in (summary.get("fid") or {}).items():
-            if value is not None:
-                run.summary[f"{task}/fid"] = value
-    finally:
-        run.finish()  # one W&B run per Hydra job, also in multirun
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry
 # ------------------------------------------------------------------------------------------------
@@ -592,10 +564,11 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     records = RecordLog(run_dir / RECORDS_NAME)
     check_records_match(records.load(), cases, records.path)
     eliminate = eliminate_words(cfg, cases)
+    tracker = EvalTracker.start(cfg, run_dir)  # W&B: open before generation, progress as it goes
 
     # 2. Generate what is missing, 3. score what is unscored (both resume)
     started = time.perf_counter()
-    generated = generate_cases(cfg, cases, run_dir, eliminate, pipe_factory or load_eval_pipeline)
+    generated = generate_cases(cfg, cases, run_dir, eliminate, pipe_factory or load_eval_pipeline, tracker.generated)
     log.info("generation: %d case(s) in %.1f s", generated, time.perf_counter() - started)
     started = time.perf_counter()
     scored = 0
@@ -604,7 +577,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
         suite = metric_suite or MetricSuite.from_config(cfg.metrics)
         batch = config_value(cfg, "score_batch_size", int)
-        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": row})
+        wanted = {c.case_id for c in cases}
+        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": row},
+                             lambda done, total: tracker.scored(done, total, summarize(
+                                 [r for k, r in records.load().items() if k in wanted])))
     log.info("scoring: %d case(s) in %.1f s", scored, time.perf_counter() - started)
     stored = records.load()
     mine = [stored[c.case_id] for c in cases]  # exactly one record per case, in manifest order
@@ -628,6 +604,6 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     title = f"Evaluation: {row} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
-    log_to_wandb(cfg, run_dir, mine, summary)
+    tracker.finish(mine, summary, SCORE_KEYS)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)
     return EvalResult(run_dir=run_dir, records=mine, summary=summary, generated=generated, scored=scored, fid=fid)
