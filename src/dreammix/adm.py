@@ -13,7 +13,9 @@
    a box/ellipse mask on a background (plain neutral ones made in code, or ``adm.background_dir``),
    so the mask is exact by construction and no segmentation model is needed. Item ``i`` uses
    ``seed = adm.base_seed + i`` for its background, mask and noise, so it is the same whether it
-   is made in the first run or a resumed one, in any batch.
+   is made in the first run or a resumed one, in any batch. ``adm.route=t2i_segment`` instead
+   generates each prompt with the SDXL text-to-image base and segments the object
+   (:mod:`dreammix.adm_t2i`, the paper's wording and the public code's route).
 
 Output (the contract with the training datamodule)::
 
@@ -219,7 +221,7 @@ def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str
 def clear_regular_set(out_dir: str | Path) -> None:
     """Remove what ADM writes in ``out_dir`` (and nothing else there)."""
     out_dir = Path(out_dir)
-    for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME):
+    for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME, "dropped.jsonl"):  # dropped: adm_t2i
         (out_dir / name).unlink(missing_ok=True)
     for name in ("images", "masks"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -422,8 +424,11 @@ def run_adm(cfg) -> Path:
     Every VLM call happens before anything is written (or, with ``adm.overwrite``, removed), so a
     run that cannot reach the VLM leaves ``out_dir`` as it was.
     """
+    from dreammix.adm_t2i import check_route, check_route_config
+
     adm = cfg.adm
     _check_config(adm)
+    check_route_config(cfg)
     out_dir = Path(adm.out_dir)
     overwrite = bool(adm.overwrite)
     client = make_vlm_client(cfg.get("vlm"))
@@ -459,6 +464,7 @@ def run_adm(cfg) -> Path:
 
     existing = {e["image"]: e for e in read_manifest(out_dir, repair=True)}
     _check_manifest_matches(existing, items, out_dir)
+    check_route(existing.values(), str(adm.route), out_dir)
     pending = [item for item in items if item.image not in existing]
     log.info("regular set %s: %d of %d items to make", out_dir, len(pending), len(items))
     if pending:
@@ -485,6 +491,10 @@ def _generate(cfg, items: Sequence[RegularItem], out_dir: Path) -> None:
     from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
 
     adm = cfg.adm
+    if adm.route == "t2i_segment":
+        from dreammix.adm_t2i import generate_t2i_segment
+
+        return generate_t2i_segment(cfg, items, out_dir)
     background_files: list[Path] = []
     if adm.background_dir:
         background_files = list_images(adm.background_dir)

@@ -23,6 +23,7 @@ from dreammix.callbacks import progress_callbacks
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
 from dreammix.data.frozen import FrozenInputEncoder
+from dreammix.data.segmented_masks import source_mask_segmenter
 from dreammix.data.subjects import Subject, ensure_subject_images
 from dreammix.errors import DreamMixError
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
@@ -126,12 +127,14 @@ def train(cfg: DictConfig) -> Path:
     loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
+    segment_masks = source_mask_segmenter(cfg, specs.subject, device)  # data.missing_mask=segment
     pipe = load_pipeline(specs.model, resolve_dtype(specs.model.weight_dtype, device))
     for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         part.to(device)
     encoder = FrozenInputEncoder(pipe, device)
     datamodule = DreamMixDataModule(
-        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed)
+        specs.subject, specs.data, encoder, specs.model.resolution, use_regular=specs.loss.beta > 0, seed=int(cfg.seed),
+        segment_masks=segment_masks,
     )
     datamodule.setup("fit")
     callbacks = _callbacks(cfg, specs, val_spec, pipe, datamodule.source_examples, run_dir)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from dreammix.data.frozen import CachedInpaintSet, FrozenInputEncoder, encode_examples
 from dreammix.data.masks import MaskAugmentation
 from dreammix.data.regular import has_regular_data, load_regular_examples
-from dreammix.data.subjects import Subject, load_source_examples
+from dreammix.data.subjects import MISSING_MASK_POLICIES, SegmentMasks, Subject, load_source_examples
 from dreammix.errors import DreamMixError
 
 
@@ -93,6 +93,9 @@ class DataSpec:
             raise DreamMixError("batch sizes must be >= 1", "data.batch_size")
         if self.mask_variants < 1:
             raise DreamMixError("mask_variants must be >= 1", "data.mask_variants")
+        if self.missing_mask not in MISSING_MASK_POLICIES:
+            raise DreamMixError(f"must be one of {'|'.join(MISSING_MASK_POLICIES)}, got {self.missing_mask!r}",
+                                "data.missing_mask")  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg) -> "DataSpec":
@@ -115,9 +118,11 @@ class DreamMixDataModule(L.LightningDataModule):
         resolution: int,
         use_regular: bool,
         seed: int = 0,
+        segment_masks: SegmentMasks | None = None,
     ):
         super().__init__()
         self.subject, self.spec, self.encoder = subject, spec, encoder
+        self.segment_masks = segment_masks  # data.missing_mask=segment (dreammix.data.segmented_masks)
         self.resolution, self.use_regular, self.seed = resolution, use_regular, seed
         self.source: CachedInpaintSet | None = None
         self.source_examples: list = []  # the decoded photos + masks (validation renders reuse them)
@@ -129,7 +134,7 @@ class DreamMixDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.source is not None:
             return  # encoded once, even if Lightning calls setup again
-        examples = self.source_examples = load_source_examples(self.subject, self.spec.missing_mask)
+        examples = self.source_examples = load_source_examples(self.subject, self.spec.missing_mask, self.segment_masks)
         self.source = encode_examples(
             examples,
             [self.spec.source_prompt],

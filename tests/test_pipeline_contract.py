@@ -1,0 +1,134 @@
+"""DreamMixInpaintPipeline's smaller contracts, found blind by `make mutants`: wrapping a loaded
+pipeline, the LoRA scale, the text-conditioning checks and cache key, the VAE posterior mode and
+the x₀ formula's fallback branch. Expected values come from diffusers / peft / safetensors, or from
+the formulas written out here."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLInpaintPipeline
+from safetensors.torch import load_file
+
+from conftest import LORA_ALPHA, LORA_RANK, make_real_lora
+from dreammix.errors import DreamMixError
+from dreammix.pipeline import DreamMixInpaintPipeline
+
+PROMPT = "a photo of sks red can"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_from_base_keeps_the_loaded_pipelines_modules_config_and_name(tiny_model_dir):
+    # non-default values, so a config that falls back to the class defaults shows
+    base = StableDiffusionXLInpaintPipeline.from_pretrained(
+        tiny_model_dir, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+    )
+    base.unet.to(torch.bfloat16)
+    new = DreamMixInpaintPipeline.from_base(base)
+    assert new.config.requires_aesthetics_score is True
+    assert new.config.force_zeros_for_empty_prompt is False
+    assert str(new.config._name_or_path) == str(tiny_model_dir)
+    assert new.unet is base.unet and new.vae is base.vae and new.text_encoder_2 is base.text_encoder_2
+    assert new.unet.dtype == torch.bfloat16  # from_pipe would have cast it to fp32
+    assert getattr(new, "watermark", None) is None
+
+
+def test_load_subject_lora_scale_multiplies_the_saved_low_rank_update(tiny_model_dir, tmp_path):
+    """peft's LoRA layer: y = W x + scale · (α / r) · B A x; the B, A and α come from the file."""
+    lora_dir = make_real_lora(tiny_model_dir, tmp_path / "lora")
+    tensors = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    down_key = next(k for k in sorted(tensors) if k.endswith("to_k.lora_A.weight") or k.endswith("to_k.lora.down.weight"))
+    up_key = down_key.replace("lora_A", "lora_B").replace("lora.down", "lora.up")
+    module_path = down_key.removeprefix("unet.").split(".lora")[0]
+    A, B = tensors[down_key].float(), tensors[up_key].float()
+    assert B.abs().max() > 0
+
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.load_subject_lora(lora_dir, scale=0.5)
+    layer = p.unet.get_submodule(module_path)
+    x = torch.randn(3, A.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = layer(x)
+        base = layer.base_layer(x)
+    expected = base + 0.5 * (LORA_ALPHA / LORA_RANK) * x @ A.T @ B.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_identifier_can_never_be_eliminated(pipe):
+    with pytest.raises(DreamMixError, match="cannot eliminate the identifier"):
+        pipe.encode_conditions(PROMPT, eliminate=["sks"])
+    with pytest.raises(DreamMixError, match="cannot eliminate the identifier"):
+        pipe.encode_conditions(PROMPT, eliminate=["red", "sks can"])
+
+
+def test_eliminating_words_needs_the_identifier_in_the_prompt(pipe):
+    with pytest.raises(DreamMixError, match="no 'sks' identifier"):
+        pipe.encode_conditions("a photo of a red can", eliminate=["red"])
+    pipe.encode_conditions("a photo of a red can")  # no TAS, no identifier needed
+
+
+def test_negative_prompt_reaches_the_unconditional_embedding_and_the_cache_key(pipe):
+    plain = pipe.encode_conditions(PROMPT, guidance_scale=5.0)
+    neg = pipe.encode_conditions(PROMPT, negative_prompt="blurry, low quality", guidance_scale=5.0)
+    direct = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt="blurry, low quality")
+    for stage, cond in neg.stages.items():
+        # CFG batch: [negative, positive]
+        torch.testing.assert_close(cond.embeds[0], direct[1][0])
+        torch.testing.assert_close(cond.embeds[1], direct[0][0])
+        torch.testing.assert_close(cond.pooled[0], direct[3][0])
+        assert not torch.equal(cond.embeds[0], plain.stages[stage].embeds[0])
+    assert neg.key != plain.key
+
+
+def test_conditions_come_in_the_unets_dtype(tiny_model_dir):
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.unet.to(torch.bfloat16)
+    conds = p.encode_conditions(PROMPT, eliminate=["red"])
+    for cond in conds.stages.values():
+        assert cond.embeds.dtype == torch.bfloat16 and cond.pooled.dtype == torch.bfloat16
+
+
+def test_vae_encode_mean_mode_is_the_posterior_mode_scaled(pipe):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        got = pipe._vae_encode(x, None, sample=False, dtype=torch.float32)
+        again = pipe._vae_encode(x, None, sample=False, dtype=torch.float32)
+        expected = pipe.vae.config.scaling_factor * pipe.vae.encode(x).latent_dist.mode()
+        half = pipe._vae_encode(x, None, sample=False, dtype=torch.bfloat16)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, again)
+    assert half.dtype == torch.bfloat16
+
+
+def test_vae_encode_sample_mode_draws_from_the_generator(pipe):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        dist = pipe.vae.encode(x).latent_dist
+        got = pipe._vae_encode(x, torch.Generator().manual_seed(7), sample=True, dtype=torch.float32)
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, pipe.vae.config.scaling_factor * (dist.mean + dist.std * eps))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler])
+def test_predict_x0_from_alphas_cumprod_before_the_first_step(pipe, scheduler_cls, kind):
+    """Without a step taken (no step index) the noise level is ᾱ[t]: x₀ = (x − √(1−ᾱ) ε) / √ᾱ or
+    x₀ = √ᾱ x − √(1−ᾱ) v."""
+    scheduler = scheduler_cls.from_config(pipe.scheduler.config, prediction_type=kind)
+    scheduler.set_timesteps(10)
+    saved = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        g = torch.Generator().manual_seed(3)
+        x, pred = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        t = scheduler.timesteps[2]
+        got = pipe._predict_x0(None, x, pred, t)
+    finally:
+        pipe.scheduler = saved
+    a = float(scheduler.alphas_cumprod[int(t)])
+    expected = (x - (1 - a) ** 0.5 * pred) / a**0.5 if kind == "epsilon" else a**0.5 * x - (1 - a) ** 0.5 * pred
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
