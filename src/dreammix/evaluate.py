@@ -39,20 +39,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreammix.atomic import atomic_save_image, atomic_write_bytes
 from dreammix.benchmark.manifest import TASKS, Case, read_manifest
-from dreammix.benchmark.records import RecordLog
+from dreammix.benchmark.records import (  # noqa: F401 - the run's file names, re-exported for callers
+    IMAGES_DIR,
+    RECORDS_NAME,
+    SCORE_KEYS,
+    SETTINGS_NAME,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    RecordLog,
+    summarize,
+)
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
 from dreammix.eval_wandb import EvalTracker
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = "images"
-RECORDS_NAME = "records.jsonl"
-SETTINGS_NAME = "settings.json"
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
-#: Per-case score keys (crop = table value; ``*_full`` = whole image), as MetricSuite returns them.
-SCORE_KEYS = ("clip_t", "clip_i", "dino", "clip_t_full", "clip_i_full", "dino_full")
 #: Written last by ``dreammix.train.train`` into the LoRA folder (not imported from there: that
 #: module pulls in Lightning, seconds of import time an evaluation does not need).
 RUN_INFO_NAME = "dreammix_run.json"
@@ -405,36 +407,6 @@ def score_cases(
         if on_scored is not None:
             on_scored(min(start + len(batch), len(pending)), len(pending))
     return len(pending)
-
-
-def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SCORE_KEYS if all(k in r for r in rows)}
-
-
-def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per task (and ``all``): case count, mean scores over cases, and the same per subject.
-
-    The overall mean is over cases; the benchmark gives every subject the same number of cases
-    per task, so it equals the mean of the per-subject means there.
-    """
-    records = list(records)
-    groups: dict[str, list[Mapping[str, Any]]] = {task: [] for task in TASKS}
-    for record in records:
-        groups.setdefault(str(record["task"]), []).append(record)
-    groups["all"] = records
-    out: dict[str, Any] = {}
-    for task, rows in groups.items():
-        if not rows:
-            continue
-        subjects: dict[str, list[Mapping[str, Any]]] = {}
-        for row in rows:
-            subjects.setdefault(str(row["subject"]), []).append(row)
-        out[task] = {
-            "n": len(rows),
-            "mean": _means(rows),
-            "per_subject": {s: {"n": len(r), "mean": _means(r)} for s, r in sorted(subjects.items())},
-        }
-    return out
 
 
 def fmt(value: Any, digits: int = 3) -> str:
