@@ -118,8 +118,8 @@ def _scheduler_x0(scheduler, out) -> torch.Tensor:
     if getattr(out, "pred_original_sample", None) is not None:  # Euler, Euler a, DDIM
         return out.pred_original_sample
     # the multistep solvers keep their converted model output: the x₀ prediction for
-    # DPM-Solver++ and for UniPC's default (predict_x0)
-    assert getattr(scheduler.config, "algorithm_type", "dpmsolver++") == "dpmsolver++"
+    # DPM-Solver++ (also its SDE variant) and for UniPC's default (predict_x0)
+    assert getattr(scheduler.config, "algorithm_type", "dpmsolver++") in ("dpmsolver++", "sde-dpmsolver++")
     assert getattr(scheduler.config, "predict_x0", True)
     return scheduler.model_outputs[-1]
 

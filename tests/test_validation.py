@@ -12,7 +12,7 @@ from PIL import Image
 
 from dreammix.errors import DreamMixError
 from dreammix.pipeline import DreamMixInpaintPipeline
-from dreammix.validation import ValidationCallback, ValidationSpec, load_backgrounds, tas_words
+from dreammix.validation_panels import ValidationCallback, ValidationSpec, load_backgrounds, tas_words
 
 PROMPTS = ("a photo of sks thing", "a red sks thing")
 ATTRIBUTES = {"color": ["blue", "silver"], "material": ["metal"]}

@@ -30,12 +30,12 @@ killed run never leaves a line whose files are missing; a rerun skips what the m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,8 @@ from dreammix.attributes import (
 )
 from dreammix.atomic import atomic_save_image, atomic_write_text
 from dreammix.errors import DreamMixError
+from dreammix.locks import folder_lock
+from dreammix.paths import check_own_folder, ensure_writable_dir, inside, is_empty_dir
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 from dreammix.vlm import make_vlm_client
 
@@ -194,6 +196,8 @@ def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str
     lines = text.split("\n")
     complete, tail = lines[:-1], lines[-1]  # tail is "" when the file ends with a newline
     entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    duplicates = 0
     for number, line in enumerate(complete, start=1):
         if not line.strip():
             continue
@@ -203,12 +207,18 @@ def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str
             raise DreamMixError(f"manifest line {number} is not JSON ({exc.msg})", str(path)) from exc
         if not isinstance(entry, dict) or any(k not in entry for k in MANIFEST_KEYS):
             raise DreamMixError(f"manifest line {number} needs keys {list(MANIFEST_KEYS)}", str(path))
-        if Path(entry["image"]).is_absolute() or Path(entry["mask"]).is_absolute():
-            raise DreamMixError(f"manifest line {number}: paths must be relative to the folder", str(path))
+        for key in ("image", "mask"):
+            inside(out_dir, entry[key], f"{path}:{number}")
+        if entry["image"] in seen:  # two runs appended the same item: keep the first line
+            duplicates += 1
+            continue
+        seen.add(entry["image"])
         entries.append(entry)
+    if duplicates:
+        log.warning("%s lists %d item(s) twice; using each once", path, duplicates)
     if repair:
         kept = [e for e in entries if (Path(out_dir) / e["image"]).is_file() and (Path(out_dir) / e["mask"]).is_file()]
-        if tail.strip() or len(kept) != len(entries):
+        if tail.strip() or len(kept) != len(entries) or duplicates:
             if tail.strip():
                 log.warning("dropping an unfinished last line of %s (the run was stopped while writing it)", path)
             if len(kept) != len(entries):
@@ -219,12 +229,27 @@ def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str
 
 
 def clear_regular_set(out_dir: str | Path) -> None:
-    """Remove what ADM writes in ``out_dir`` (and nothing else there)."""
+    """Remove what ADM wrote in ``out_dir`` and nothing else: the files its manifest lists, its
+    three bookkeeping files, then ``images/`` and ``masks/`` only if that left them empty.
+
+    A file the manifest does not list (a user's own, or one a killed run wrote before its manifest
+    line) is kept; a later run overwrites only its own ``images/NNNNNN.png`` names.
+    """
     out_dir = Path(out_dir)
+    for entry in read_manifest(out_dir):
+        for key in ("image", "mask"):
+            (out_dir / entry[key]).unlink(missing_ok=True)
     for name in (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME, "dropped.jsonl"):  # dropped: adm_t2i
         (out_dir / name).unlink(missing_ok=True)
     for name in ("images", "masks"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+        if (out_dir / name).is_dir() and is_empty_dir(out_dir / name):
+            (out_dir / name).rmdir()
+
+
+def check_adm_folder(out_dir: Path) -> None:
+    """``adm.out_dir`` must be a new or empty folder, or a regular set ADM made (it has one of its
+    bookkeeping files): ADM never writes ``images/000000.png`` into a folder of someone else's."""
+    check_own_folder(out_dir, (MANIFEST_NAME, ATTRIBUTES_NAME, PROMPTS_NAME), "an ADM regular set", "adm.out_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,14 +447,24 @@ def run_adm(cfg) -> Path:
     """Build (or finish) the regular set of ``cfg.subject`` in ``cfg.adm.out_dir``; returns it.
 
     Every VLM call happens before anything is written (or, with ``adm.overwrite``, removed), so a
-    run that cannot reach the VLM leaves ``out_dir`` as it was.
+    run that cannot reach the VLM leaves ``out_dir`` as it was (give or take the folder itself and
+    its lock file). The folder must be new, empty or an ADM set (:func:`check_adm_folder`), and one
+    run at a time writes there (:func:`dreammix.locks.folder_lock`).
     """
-    from dreammix.adm_t2i import check_route, check_route_config
+    from dreammix.adm_t2i import check_route_config
+
+    _check_config(cfg.adm)
+    check_route_config(cfg)
+    out_dir = Path(str(cfg.adm.out_dir))
+    check_adm_folder(out_dir)
+    with contextlib.ExitStack() as lock:  # taken in _run_adm before its first write
+        return _run_adm(cfg, out_dir, lock)
+
+
+def _run_adm(cfg, out_dir: Path, lock: contextlib.ExitStack) -> Path:
+    from dreammix.adm_t2i import check_route
 
     adm = cfg.adm
-    _check_config(adm)
-    check_route_config(cfg)
-    out_dir = Path(adm.out_dir)
     overwrite = bool(adm.overwrite)
     client = make_vlm_client(cfg.get("vlm"))
 
@@ -453,6 +488,8 @@ def run_adm(cfg) -> Path:
     prompts = plan_prompts(cfg, attributes, client, stored)
     items = [RegularItem(i, prompt, int(adm.base_seed) + i) for i, prompt in enumerate(prompts)]
 
+    ensure_writable_dir(out_dir, "adm.out_dir")
+    lock.enter_context(folder_lock(out_dir, "adm.out_dir"))  # a second run on this set stops here
     if overwrite:  # only now: a failed VLM call above must not cost the user the old set
         clear_regular_set(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Lightning callbacks of the fine-tune: progress in logs and on a terminal (validation panels:
-:mod:`dreammix.validation`).
+:mod:`dreammix.validation_panels`).
 
 Counters are in *optimizer* steps (``trainer.global_step``, what ``trainer.max_steps`` counts),
 never in micro-batches: with gradient accumulation Lightning's own bar would count batches

@@ -70,17 +70,25 @@ def hydra_entry(task: Callable[[Any], Any] | str, config_name: str, config_dir: 
         if debug:
             raise exc
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))  # e.g. 143 for a training stopped by SIGTERM
 
     @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
     def _main(cfg):  # noqa: ANN001 - Hydra passes a DictConfig
         # Caught inside the job, so Hydra adds no "Error executing job" line of its own.
         try:
+            from dreammix.validation import validate_config
+
+            validate_config(cfg)
             return _resolve_task(task)(cfg)
         except bad_input_types() as exc:
             fail(exc)
 
     try:
+        # Secrets and path-escaping names are refused before Hydra creates the run folder and
+        # writes the overrides into .hydra/.
+        from dreammix.validation import check_argv
+
+        check_argv(argv)
         _main()
     except bad_input_types() as exc:  # composition errors: unknown option, bad override syntax
         fail(exc)

@@ -49,9 +49,11 @@ from dreammix.benchmark.records import (  # noqa: F401 - the run's file names, r
     RecordLog,
     summarize,
 )
+from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
 from dreammix.eval_wandb import EvalTracker
+from dreammix.paths import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ def run_settings(cfg: DictConfig, lora: dict[str, Any] | None) -> dict[str, Any]
         "guidance_scale": float(cfg.guidance_scale),
         "negative_prompt": cfg.get("negative_prompt"),
         "scheduler": str(cfg.scheduler),
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") is not None else None,
         "resolution": None if cfg.get("resolution") is None else int(cfg.resolution),
         "dif": OmegaConf.to_container(cfg.dif, resolve=True),
         "tas": OmegaConf.to_container(cfg.tas, resolve=True),
@@ -296,6 +299,9 @@ def generate_cases(
     if not pending:
         return 0
     log.info("generating %d of %d cases", len(pending), len(cases))
+    from dreammix.inpaint import sampler_spec
+
+    sampler = sampler_spec(cfg)
     pipe = pipe_factory(cfg)
     stages = list(cfg.tas.stages) if cfg.tas.enabled else []
     text = {  # what the text encoders see, per case
@@ -309,7 +315,7 @@ def generate_cases(
         for case in pending:  # each distinct prompt setting encoded once
             key = _text_key(text[case.case_id])
             if key not in conditions:
-                conditions[key] = pipe.encode_conditions(**text[case.case_id])
+                conditions[key] = pipe.encode_conditions(**text[case.case_id], tas_context=sampler.tas_context)
     from dreammix.pipeline import text_encoders_parked
 
     with text_encoders_parked(pipe, enabled=bool(conditions)):
@@ -329,8 +335,10 @@ def generate_cases(
                 min_crop_frac=config_value(cfg, "dif.min_crop_frac", float),
                 blend=bool(cfg.dif.blend),
                 feather_radius=cfg.dif.get("feather_radius"),
+                sampler=sampler,
             )
             atomic_save_image(result.images[0], image_path(run_dir, case))
+            write_sidecar(image_path(run_dir, case), case)  # what it was made from (resume staleness)
             log.info("[%d/%d] %s", number, len(pending), case.case_id)
             if on_generated is not None:
                 on_generated(number, len(pending), case.case_id)
@@ -519,6 +527,9 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         raise DreamMixError(f"must be >= 1, got {steps}", "steps")
     if not 0.0 <= lambda_ <= 1.0:
         raise DreamMixError(f"must be in [0, 1], got {lambda_}", "dif.lambda_")
+    from dreammix.inpaint import sampler_spec
+
+    sampler_spec(cfg)  # sampler knobs and the base that must honour them
     cases = select_cases(read_manifest(str(cfg.manifest)), subject, tasks, limit)
     if not cases:
         raise DreamMixError(f"the manifest has no case of subject '{subject}' for tasks {tasks}", str(cfg.manifest))
@@ -526,13 +537,14 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,
         {"row": row, "subject": subject, "class_noun": str(cfg.subject.class_noun),
          "manifest": str(Path(str(cfg.manifest)).resolve()), "lora_training": None if lora is None else lora.get("run"),
          "lora_dir": None if lora is None else lora["dir"]},
     )  # fmt: skip
+    drop_stale(cases, lambda case: image_path(run_dir, case), run_dir / RECORDS_NAME)  # changed cases: redo
     records = RecordLog(run_dir / RECORDS_NAME)
     check_records_match(records.load(), cases, records.path)
     eliminate = eliminate_words(cfg, cases)

@@ -23,6 +23,8 @@ from dreammix.atomic import atomic_save_image
 from dreammix.cli import config_value
 from dreammix.data.images import load_image, load_mask
 from dreammix.errors import DreamMixError
+from dreammix.paths import ensure_writable_dir
+from dreammix.validation import check_lora_file
 from dreammix.imaging import image_strip
 from dreammix.tas import IDENTIFIER, check_identifier, clean_eliminate_words
 
@@ -35,6 +37,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    # Fooocus's / the public code's default sampler, "dpmpp_2m_sde_gpu" + "karras" (its noise comes
+    # from a Brownian tree there, from the generator here)
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
+    ),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
@@ -49,6 +56,16 @@ def set_scheduler(pipe, name: str) -> None:
 
     cls_name, overrides = SCHEDULERS[name]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def sampler_spec(cfg: DictConfig):
+    """``cfg.sampler`` as a checked :class:`~dreammix.sampling.SamplerSpec`, refused (before any
+    loading) when ``cfg.model`` cannot honour one of its knobs."""
+    from dreammix.sampling import SamplerSpec
+
+    spec = SamplerSpec.from_config(cfg.get("sampler"))
+    spec.check_model(cfg.model)
+    return spec
 
 
 def output_paths(out: str | Path, num_images: int) -> list[Path]:
@@ -110,6 +127,7 @@ def _check_paths(cfg: DictConfig) -> None:
             raise DreamMixError("LoRA folder not found", f"lora={cfg.lora}")
         if not (lora / LORA_WEIGHTS_NAME).is_file():
             raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", f"lora={cfg.lora}")
+        check_lora_file(lora / LORA_WEIGHTS_NAME, f"lora={cfg.lora}")  # before the base model loads
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device):
@@ -145,7 +163,12 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
     stages = list(cfg.tas.stages) if cfg.tas.enabled else []
     if cfg.scheduler not in (None, "default") and cfg.scheduler not in SCHEDULERS:
         raise DreamMixError(f"unknown scheduler {cfg.scheduler!r}; choose from default, {', '.join(SCHEDULERS)}", "scheduler")
+    sampler = sampler_spec(cfg)
     paths = output_paths(cfg.out, num_images)
+    for path in paths:  # a read-only or impossible location fails now, not after generating
+        ensure_writable_dir(path.parent, "out")
+        if path.is_dir():
+            raise DreamMixError(f"{path} is a folder", "out")
     image = load_image(cfg.image)
     mask = load_mask(cfg.mask, size=image.size)
     if not mask.any():
@@ -180,6 +203,7 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
         min_crop_frac=config_value(cfg, "dif.min_crop_frac", float),
         blend=bool(cfg.dif.blend),
         feather_radius=cfg.dif.get("feather_radius"),
+        sampler=sampler,
     )
 
     # 4. Write outputs atomically

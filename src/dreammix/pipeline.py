@@ -51,6 +51,8 @@ from dreammix.crop import Box, composite, feather, lcg_crop_box, paste, processi
 from dreammix.data.images import mask_to_binary, to_rgb
 from dreammix.errors import DreamMixError
 from dreammix.losses import latent_mask
+from dreammix import sampling
+from dreammix.sampling import SamplerSpec
 from dreammix.tas import (
     IDENTIFIER,
     check_identifier,
@@ -105,8 +107,8 @@ class PromptConditions:
     stages: dict[str, _Cond]
 
 
-def _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images: int, guided: bool) -> tuple:
-    return (prompt, negative_prompt, tuple(eliminate), tuple(tas_stages), num_images, guided)
+def _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images: int, guided: bool, tas_context=None) -> tuple:
+    return (prompt, negative_prompt, tuple(eliminate), tuple(tas_stages), num_images, guided, tas_context)
 
 
 @contextlib.contextmanager
@@ -206,10 +208,16 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             raise DreamMixError("LoRA folder not found", str(path))
         if not (path / LORA_WEIGHTS_NAME).is_file():
             raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", str(path))
+        from dreammix.validation import check_lora_file
+
+        check_lora_file(path / LORA_WEIGHTS_NAME, str(path))  # unreadable or NaN weights: refused
         try:
             self.load_lora_weights(str(path), adapter_name=adapter_name)
-        except (ValueError, KeyError, OSError) as exc:
-            raise DreamMixError(f"cannot load LoRA: {str(exc).splitlines()[0]}", str(path)) from exc
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:  # RuntimeError: LoRA of another base (size mismatch)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            if "size mismatch" in str(exc):
+                message = "its tensor shapes do not fit this base model (a LoRA trained on another model?)"
+            raise DreamMixError(f"cannot load LoRA: {message}", str(path)) from exc
         self.set_adapters([adapter_name], adapter_weights=[scale])
 
     @contextlib.contextmanager
@@ -296,9 +304,11 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         guidance_scale: float = 7.5,
         num_images_per_prompt: int = 1,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        tas_context: str | None = None,
     ) -> PromptConditions:
         """The prompt's text conditioning (+ TAS, Eq. 9) for later calls with ``conditions=``;
-        the arguments mean what they mean in :meth:`__call__` and must match the call's."""
+        the arguments mean what they mean in :meth:`__call__` and must match the call's
+        (``tas_context``: the call's ``sampler.tas_context``)."""
         eliminate = clean_eliminate_words(eliminate, identifier)
         tas_stages = tuple(tas_stages or ())
         self._check_text_inputs(prompt, eliminate, tas_stages, identifier)
@@ -306,9 +316,12 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._clip_skip = None
         stages = self._encode_conditions(
-            prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self._execution_device, self.unet.dtype
+            prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self._execution_device, self.unet.dtype,
+            tas_context,
         )
-        key = _conditions_key(prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self.do_classifier_free_guidance)
+        key = _conditions_key(
+            prompt, negative_prompt, eliminate, tas_stages, num_images_per_prompt, self.do_classifier_free_guidance, tas_context
+        )
         return PromptConditions(key, stages)
 
     # ------------------------------------------------------------------ helpers
@@ -363,6 +376,8 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
     def _vae_decode(self, latents: torch.Tensor) -> list[PIL.Image.Image]:
         x = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        if not bool(torch.isfinite(x).all()):  # PIL conversion would turn NaN into black pixels, silently
+            raise DreamMixError("the model produced NaN/infinite pixels (a diverged LoRA, lora_scale or guidance?)", "output")
         return self.image_processor.postprocess(x, output_type="pil")
 
     def _predict_x0(self, step_output: Any, scaled_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -402,10 +417,13 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         num_images: int,
         device: torch.device,
         dtype: torch.dtype,
+        tas_context: str | None = None,
     ) -> dict[str, _Cond]:
-        """Encode the prompt once; TAS (Eq. 9) makes the decomposed variant for the stages that use it."""
+        """Encode the prompt once; TAS (Eq. 9) makes the decomposed variant for the stages that use it.
+        With ``tas_context`` the words are encoded inside ``"<context> <words>"`` and their
+        contextual token embeddings are the directions (the public code's ``decompose_prefix_prompt``)."""
         lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        text = " ".join(eliminate) if eliminate and tas_stages else None
+        text = sampling.context_text(tas_context, " ".join(eliminate)) if eliminate and tas_stages else None
         # the eliminated words ride in the same text-encoder batch as the prompt (CLIP's causal
         # mask and fixed 77-token padding keep every row independent of the others)
         pe, npe, pooled, npooled = self.encode_prompt(
@@ -424,8 +442,9 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         variants = {"raw": (pe, pooled)}
         if text is not None:
             tokenizer = self.tokenizer if self.tokenizer is not None else self.tokenizer_2
+            start, count = sampling.context_token_span(tokenizer, tas_context, " ".join(eliminate))
             variants["tas"] = decompose_prompt_embeds(
-                pe, pooled, epe, epooled, count_text_tokens(tokenizer, prompt), count_text_tokens(tokenizer, text)
+                pe, pooled, epe, epooled, count_text_tokens(tokenizer, prompt), count, eliminate_start=start
             )
 
         def batched(key: str) -> _Cond:
@@ -437,10 +456,15 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         conds = {stage: batched("tas" if stage in tas_stages and "tas" in variants else "raw") for stage in STAGES}
         return conds
 
-    def _time_ids(self, size: tuple[int, int], pooled_dim: int, num_images: int, device, dtype) -> torch.Tensor:
+    def _time_ids(self, size: tuple[int, int], pooled_dim: int, num_images: int, device, dtype,
+                  scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """SDXL's size conditioning; ``scale`` = (positive, negative) factors on the original size
+        (``sampler.size_scale``, Fooocus's ADM scaler)."""
         w, h = size
+        sp, sn = scale
         add, neg = self._get_add_time_ids(
-            (h, w), (0, 0), (h, w), 6.0, 2.5, (h, w), (0, 0), (h, w), dtype=dtype, text_encoder_projection_dim=pooled_dim
+            (h * sp, w * sp), (0, 0), (h, w), 6.0, 2.5, (h * sn, w * sn), (0, 0), (h, w), dtype=dtype,
+            text_encoder_projection_dim=pooled_dim,
         )
         add = add.repeat(num_images, 1)
         if self.do_classifier_free_guidance:
@@ -454,6 +478,20 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
         return self.scheduler.timesteps
+
+    def _sharpen(self, noise_pred: torch.Tensor, scaled: torch.Tensor, i: int, t: torch.Tensor, sharpness: float,
+                 cfg: bool) -> torch.Tensor:
+        """``sampler.sharpness`` on the positive (text) half of the ε-prediction, guided by its x₀
+        (:func:`dreammix.sampling.sharpen_noise_pred`); ``scaled`` is the VP model input x·α."""
+        if self.scheduler.config.prediction_type != "epsilon":
+            raise DreamMixError("sharpness needs an epsilon-prediction model", "sampler.sharpness")
+        sigma = sampling.ve_sigma(self.scheduler, i, t)
+        alpha = 1.0 / math.sqrt(1.0 + sigma**2)
+        n = scaled.shape[0]
+        text = noise_pred[n:] if cfg else noise_pred
+        x0 = (scaled.float() / alpha) - sigma * text.float()
+        text = sampling.sharpen_noise_pred(text, x0, t, sharpness, self.scheduler.config.num_train_timesteps)
+        return torch.cat([noise_pred[:n], text]) if cfg else text
 
     def _denoise_stage(
         self,
@@ -474,6 +512,8 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         eta: float,
         callback_on_step_end: Callable | None,
         progress_bar: Any,
+        sampler: SamplerSpec = SamplerSpec(),
+        tail: sampling.BaseTail | None = None,
     ) -> torch.Tensor:
         """Denoise ``images`` (1 shared or ``num_images``) at ``size`` over steps ``[start, stop)``.
 
@@ -508,15 +548,22 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             lmask, masked_latents, num_images, h, w, dtype, device, generator, self.do_classifier_free_guidance
         )
 
-        # d. the start latent: pure noise at step 0 (strength 1), else the stage image noised to
-        #    step k's level (schedule continues)
-        if start == 0:
+        # d. the start latent: pure noise at step 0 (strength 1; or the filled image plus noise,
+        #    sampler.start=fill_noise), else the stage image noised to step k's level (schedule continues)
+        if start == 0 and sampler.start == "fill_noise":
+            filled = sampling.fill_hole(pixels, pmask)
+            fill_latents = self._vae_encode(filled, None, sample=False, dtype=dtype)
+            latents = sampling.fill_noise_latents(self.scheduler, noise, fill_latents, timesteps[0])
+        elif start == 0:
             latents = noise * self.scheduler.init_noise_sigma
         else:
             latents = self.scheduler.add_noise(image_latents, noise, timesteps[start : start + 1])
 
         time_ids = self._time_ids(size, cond.pooled.shape[-1], num_images, device, dtype)
         added_cond = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        scaled_cond = {"text_embeds": cond.pooled, "time_ids": self._time_ids(
+            size, cond.pooled.shape[-1], num_images, device, dtype, (sampler.size_positive, sampler.size_negative)
+        )}  # fmt: skip
         nine_channels = self.unet.config.in_channels == 9
         # the latent mask is binary, so Eq. 5/6's (1 − m)·target + m·latents is a select (one op)
         inside = lmask > 0.5
@@ -533,14 +580,18 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             scaled = model_input[:num_images]
             if nine_channels:
                 model_input = torch.cat([model_input, mask_c, masked_c], dim=1)
+            if tail is not None:
+                tail.before_step(i)
             noise_pred = unet(
                 model_input,
                 t,
                 encoder_hidden_states=cond.embeds,
                 cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs=added_cond,
+                added_cond_kwargs=scaled_cond if sampling.size_scaled_step(i, num_inference_steps, sampler.size_end) else added_cond,
                 return_dict=False,
             )[0]
+            if sampler.sharpness > 0:
+                noise_pred = self._sharpen(noise_pred, scaled, i, t, sampler.sharpness, cfg)
             if cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + self.guidance_scale * (text - uncond)
@@ -597,6 +648,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         conditions: PromptConditions | None = None,
+        sampler: SamplerSpec | None = None,
     ) -> DreamMixPipelineOutput | tuple:
         """Inpaint ``mask_image`` (1 = fill) of ``image`` following ``prompt``.
 
@@ -616,7 +668,10 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             conditions: the text conditioning from :meth:`encode_conditions` for this call's prompt,
                 negative prompt, eliminate, tas_stages, guidance and image count (no text encoder
                 runs in the call; anything else is refused).
+            sampler: the public code's sampling knobs (:class:`dreammix.sampling.SamplerSpec`;
+                None = the paper text: none of them).
         """
+        sampler = sampler or SamplerSpec()
         # 1. Normalise and check inputs (one-line DreamMixError on anything wrong)
         x = _as_rgb_array(image)
         mask = _as_binary_mask(mask_image)
@@ -648,11 +703,13 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
 
         # 3. Encode the prompt once (+ TAS decomposition), unless the caller already did
         if conditions is None:
-            conds = self._encode_conditions(prompt, negative_prompt, eliminate, tas_stages, n, device, dtype)
-        elif conditions.key != _conditions_key(prompt, negative_prompt, eliminate, tas_stages, n, self.do_classifier_free_guidance):
+            conds = self._encode_conditions(prompt, negative_prompt, eliminate, tas_stages, n, device, dtype, sampler.tas_context)
+        elif conditions.key != _conditions_key(
+            prompt, negative_prompt, eliminate, tas_stages, n, self.do_classifier_free_guidance, sampler.tas_context
+        ):
             raise DreamMixError(
                 "conditions were encoded for another prompt, negative prompt, eliminate, tas_stages, "
-                "guidance or image count than this call's", "conditions",
+                "guidance, image count or tas_context than this call's", "conditions",
             )
         else:
             conds = {stage: _Cond(c.embeds.to(device, dtype), c.pooled.to(device, dtype)) for stage, c in conditions.stages.items()}
@@ -665,11 +722,15 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         alpha = feather(mask, feather_radius)
         x_pil = PIL.Image.fromarray(x)
 
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        first_base = sampling.first_base_step(num_inference_steps, sampler.base_switch)
+        tail = sampling.BaseTail(self.unet, first_base) if first_base < num_inference_steps else None
+        # the tail puts the Fooocus patch back when the call ends, also on an error
+        tail_closed = contextlib.closing(tail) if tail is not None else contextlib.nullcontext()
+        with self.progress_bar(total=num_inference_steps) as progress_bar, tail_closed:
             common = dict(
                 num_inference_steps=num_inference_steps, num_images=n, generator=generator, blend=blend,
                 device=device, dtype=dtype, eta=eta, callback_on_step_end=callback_on_step_end,
-                progress_bar=progress_bar,
+                progress_bar=progress_bar, sampler=sampler, tail=tail,
             )  # fmt: skip
 
             # 5. LCG (Eq. 3–5) on the enlarged crop m', pasted back → x^G
@@ -679,8 +740,12 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
                 box = lcg_crop_box(mask, crop_scale, min_crop_frac)
                 crop_size = processing_size(box.width, box.height, resolution, multiple)
                 crop_mask = resize_mask(mask[box.slices()], crop_size)
+                crop = x_pil.crop(box.as_tuple())
+                upscaler = sampling.crop_upscaler(self, sampler)
+                if upscaler is not None and sampling.needs_upscale(box.width, box.height, resolution):
+                    crop = upscaler(crop)  # then resized to crop_size like any crop
                 latents = self._denoise_stage(
-                    stage="local", images=[x_pil.crop(box.as_tuple())], mask=crop_mask, size=crop_size,
+                    stage="local", images=[crop], mask=crop_mask, size=crop_size,
                     start=0, stop=k, cond=conds["local"], **common,
                 )  # fmt: skip
                 if k == num_inference_steps and output_type == "latent":

@@ -84,6 +84,7 @@ def decompose_prompt_embeds(
     eliminate_pooled: torch.Tensor,
     num_prompt_tokens: int,
     num_eliminate_tokens: int,
+    eliminate_start: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply TAS to an SDXL prompt encoding.
 
@@ -93,13 +94,14 @@ def decompose_prompt_embeds(
     ``1 … num_eliminate_tokens``. Each prompt token loses its components along the eliminated
     tokens' embeddings; BOS, EOS and padding keep theirs (they carry no attribute and the
     reference code skips them too). The pooled embedding loses its component along the
-    eliminated words' pooled embedding (Eq. 9 once).
+    eliminated words' pooled embedding (Eq. 9 once). ``eliminate_start`` > 1: the words were
+    encoded after a context (``sampler.tas_context``) and sit at ``eliminate_start …``.
     """
     n_p = max(0, min(num_prompt_tokens, prompt_embeds.shape[1] - 2))
-    n_e = max(0, min(num_eliminate_tokens, eliminate_embeds.shape[1] - 2))
+    n_e = max(0, min(num_eliminate_tokens, eliminate_embeds.shape[1] - 1 - eliminate_start))
     if n_e == 0 or n_p == 0:
         return prompt_embeds, pooled_embeds
-    directions = eliminate_embeds[0, 1 : 1 + n_e]
+    directions = eliminate_embeds[0, eliminate_start : eliminate_start + n_e]
     out = prompt_embeds.clone()
     out[:, 1 : 1 + n_p] = project_out(prompt_embeds[:, 1 : 1 + n_p], directions)
     pooled = orthogonal_decompose(pooled_embeds, eliminate_pooled.reshape(1, -1))

@@ -26,11 +26,16 @@ from dreammix.data.frozen import FrozenInputEncoder
 from dreammix.data.segmented_masks import source_mask_segmenter
 from dreammix.data.subjects import Subject, ensure_subject_images
 from dreammix.errors import DreamMixError
+from dreammix.guards import FiniteGuard
+from dreammix.interrupt import InterruptCheckpoint
+from dreammix.paths import ensure_writable_dir
+from dreammix.preflight import check_before_loading
+from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, save_lora
 from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
 from dreammix.tracking import log_lora_artifact, train_loggers, wandb_logger_of
-from dreammix.validation import ValidationSpec, validation_callback, validation_spec
+from dreammix.validation_panels import ValidationSpec, validation_callback, validation_spec
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,9 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     ensure_subject_images(subject, OmegaConf.select(cfg, "paths.dreambooth_dir"))
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
-    return TrainSpecs(subject, model_spec_from_config(cfg.model), DataSpec.from_config(cfg.data), loss, lora, optim, ckpt_path)
+    data = DataSpec.from_config(cfg.data)
+    check_before_loading(subject, data, lora, ckpt_path)
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), data, loss, lora, optim, ckpt_path)
 
 
 def _callbacks(
@@ -97,7 +104,8 @@ def _callbacks(
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
             every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None, save_top_k=-1, save_last=True,
-        )
+        ),
+        FiniteGuard(), InterruptCheckpoint(run_dir / "checkpoints"),  # see dreammix.guards / dreammix.interrupt
     ]
     if val_spec.every_n_steps > 0 and val_spec.num_backgrounds > 0:
         callbacks.append(validation_callback(cfg, val_spec, pipe, source_examples, specs.model.resolution, run_dir))
@@ -122,8 +130,7 @@ def train(cfg: DictConfig) -> Path:
 
     specs = train_specs(cfg)
     val_spec = validation_spec(cfg)
-    run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
@@ -160,6 +167,7 @@ def train(cfg: DictConfig) -> Path:
     try:
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
+        check_finite_tensors({n: p for n, p in module.named_parameters() if "lora_" in n}, "the trained LoRA")  # never export NaNs
         weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
         _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora", time.perf_counter() - started)
         log.info("LoRA written to %s", weights)

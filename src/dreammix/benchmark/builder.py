@@ -57,6 +57,7 @@ from dreammix.benchmark.manifest import (
 from dreammix.benchmark.prompts import SubjectSpec, attribute_prompts, identity_prompts
 from dreammix.data.dreambooth import DreamBoothFacts, parse_prompts_and_classes
 from dreammix.errors import DreamMixError
+from dreammix.paths import check_own_folder, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,9 @@ def build_benchmark(cfg: Any) -> BenchmarkResult:
     assignment = str(bcfg.prompt_assignment)
     if assignment not in ("cycle", "all"):
         raise DreamMixError(f"prompt_assignment must be 'cycle' or 'all', got {assignment!r}", "benchmark.prompt_assignment")
+
+    check_own_folder(out_dir, (MANIFEST_NAME, SUMMARY_NAME), "a benchmark folder", "benchmark.out_dir")
+    ensure_writable_dir(out_dir, "benchmark.out_dir")  # before the COCO annotations are read
 
     facts = parse_prompts_and_classes(str(bcfg.prompts_file))
     subject_dir = Path(str(bcfg.subject_dir)) if bcfg.get("subject_dir") else default_subject_dir()

@@ -7,7 +7,9 @@ file, and an interrupted build never leaves a half-written manifest behind.
 
 Paths inside the manifest (``image``, ``mask``) are relative to the manifest's folder, so a
 benchmark folder can be moved or shared together with the COCO folder beside it;
-:func:`read_manifest` resolves them back to absolute paths.
+:func:`read_manifest` resolves them back to absolute paths. ``image`` (a background photo, only
+read) may point anywhere, e.g. ``../coco/val2017/...``; ``mask`` must stay inside the manifest's
+folder, and ``case_id`` must be a plain name (it becomes ``images/<case_id>.png`` of a run).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from dreammix.atomic import atomic_write_bytes
 from dreammix.errors import DreamMixError
+from dreammix.paths import inside, safe_name
 
 MANIFEST_NAME = "manifest.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -134,11 +137,14 @@ def read_manifest(path: str | Path) -> list[Case]:
             box = record["box"]
             if len(box) != 4 or not all(isinstance(v, int) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
                 raise DreamMixError("manifest field 'box' must be [x0, y0, x1, y1] integers with x0 < x1, y0 < y1", where)
+            safe_name(record["case_id"], f"{where} case_id")  # it names images/<case_id>.png
             if record["case_id"] in seen:
                 raise DreamMixError(f"duplicate case_id '{record['case_id']}'", where)
             seen.add(record["case_id"])
             fields = {key: record[key] for key in _REQUIRED}
             cases.append(
-                Case(**fields, image_path=(base / record["image"]).resolve(), mask_path=(base / record["mask"]).resolve())
+                # Backgrounds are COCO photos wherever the user keeps them (read only); the mask is
+                # the builder's own file and must stay inside the benchmark folder.
+                Case(**fields, image_path=(base / record["image"]).resolve(), mask_path=inside(base, record["mask"], where))
             )
     return cases

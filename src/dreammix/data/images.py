@@ -22,8 +22,15 @@ def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise DreamMixError("file not found", str(path))
     try:
-        image = Image.open(path)
-        image.load()
+        # PIL warns above MAX_IMAGE_PIXELS (89 M) and refuses twice that: a decompression bomb (a
+        # few KB on disk, gigabytes once decoded) is refused in one line, not by the OOM killer.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DreamMixError(f"image too large ({exc.__class__.__name__}: over {Image.MAX_IMAGE_PIXELS} pixels); "
+                            "downscale it first", str(path)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DreamMixError(f"cannot read image: {exc.__class__.__name__}", str(path)) from exc
     return image

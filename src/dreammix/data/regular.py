@@ -8,12 +8,16 @@ Format (``<dir>/manifest.jsonl``), one JSON object per line, paths relative to `
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from dreammix.data.images import load_image, load_mask
 from dreammix.data.subjects import MaskedImage
 from dreammix.errors import DreamMixError
+from dreammix.paths import inside
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -32,12 +36,18 @@ def has_regular_data(directory: str | Path | None) -> bool:
 
 
 def load_regular_examples(directory: str | Path, limit: int | None = None) -> list[RegularExample]:
-    """Read the manifest and its files; a malformed line is an error naming ``file:line``."""
+    """Read the manifest and its files; a malformed line is an error naming ``file:line``.
+
+    Every path must stay inside ``directory`` (no absolute paths, no ``..`` out of it); an item
+    listed twice is used once, with a warning, so it does not weigh double in Eq. 8.
+    """
     directory = Path(directory)
     manifest = directory / MANIFEST_NAME
     if not manifest.is_file():
         raise DreamMixError("regular-set manifest not found", str(manifest))
     examples: list[RegularExample] = []
+    seen: set[tuple[Path, Path, str]] = set()
+    duplicates = 0
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -49,11 +59,20 @@ def load_regular_examples(directory: str | Path, limit: int | None = None) -> li
             raise DreamMixError(f"malformed manifest line ({exc.__class__.__name__}: expected image, mask, prompt)", where) from exc
         if not isinstance(prompt, str) or not prompt.strip():
             raise DreamMixError("empty prompt", where)
-        image = load_image(directory / image_rel)
-        mask = load_mask(directory / mask_rel, size=image.size)
+        if not isinstance(image_rel, str) or not isinstance(mask_rel, str):
+            raise DreamMixError("image and mask must be paths relative to the manifest's folder", where)
+        image_path, mask_path = inside(directory, image_rel, where), inside(directory, mask_rel, where)
+        if (image_path, mask_path, prompt) in seen:  # e.g. two ADM runs appended one item twice
+            duplicates += 1
+            continue
+        seen.add((image_path, mask_path, prompt))
+        image = load_image(image_path)
+        mask = load_mask(mask_path, size=image.size)
         if not mask.any():
             raise DreamMixError("mask is empty (no pixel >= 128)", str(directory / mask_rel))
         examples.append(RegularExample(image=image, mask=mask, path=directory / image_rel, prompt=prompt))
         if limit is not None and len(examples) >= limit:
             break
+    if duplicates:
+        log.warning("%s lists %d item(s) more than once; each is used once", manifest, duplicates)
     return examples

@@ -291,6 +291,26 @@ def apply_fooocus_patch(unet: nn.Module, patch: Mapping[str, torch.Tensor]) -> l
     return sorted(patch)
 
 
+def fooocus_patch_deltas(unet: nn.Module, device: torch.device | str = "cpu"):
+    """Yield ``(diffusers key, float32 delta on device)`` of the patch that built ``unet``, one at a time.
+
+    The file is read once and kept *quantized* on the CPU (uint8: a quarter of the float32
+    deltas, half a bf16 UNet for SDXL); each entry is moved to ``device`` still quantized and
+    dequantized there only while it is used.
+    """
+    path = getattr(unet, "_dreammix_fooocus_patch_file", None)
+    if path is None:
+        raise DreamMixError("this UNet was not built from a Fooocus patch file", "model.patch_file")
+    raw = unet.__dict__.get("_dreammix_fooocus_patch_raw")
+    if raw is None:
+        raw = _torch_load(Path(path), "Fooocus patch file")
+        unet.__dict__["_dreammix_fooocus_patch_raw"] = raw
+    for key, diffusers_key in unet._dreammix_fooocus_patch_keys.items():
+        entry = raw[key]
+        entry = entry.to(device) if isinstance(entry, torch.Tensor) else type(entry)(t.to(device) for t in entry)
+        yield diffusers_key, dequantize_patch_entry(entry, key=key, source=str(path))
+
+
 # ----------------------------------------------------------------------------------------------
 # Inpaint head and how it enters the UNet
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +365,9 @@ class FooocusConvIn(nn.Module):
             )
         self.conv = conv
         self.head = head
+        # False while the sampler's unpatched-base tail runs (dreammix.sampling.BaseTail): the
+        # base's own conv_in only, like Fooocus's refiner, which has no inpaint head.
+        self.head_enabled = True
         # Attributes diffusers/peft read from a conv_in.
         self.in_channels = conv.in_channels + HEAD_IN_CHANNELS
         self.out_channels = conv.out_channels
@@ -357,7 +380,8 @@ class FooocusConvIn(nn.Module):
                 f"Fooocus UNet expects {n + HEAD_IN_CHANNELS} channels "
                 f"(noisy latents ⊕ mask ⊕ masked-image latents), got {x.shape[1]}"
             )
-        return self.conv(x[:, :n]) + self.head(x[:, n:])
+        out = self.conv(x[:, :n])
+        return out + self.head(x[:, n:]) if self.head_enabled else out
 
 
 def attach_fooocus_head(unet: nn.Module, head: FooocusInpaintHead) -> nn.Module:
@@ -463,6 +487,9 @@ def load_fooocus_components(spec: FooocusSpec, dtype: torch.dtype = torch.float3
         )
     patch = load_fooocus_patch(patch_path)
     apply_fooocus_patch(unet, map_patch_keys_to_diffusers(patch, unet.config, unet.state_dict().keys()))
+    # where the patch came from, so the sampler's base tail can take it off in place later
+    unet._dreammix_fooocus_patch_file = patch_path
+    unet._dreammix_fooocus_patch_keys = ldm_to_diffusers_unet_keys(patch.keys(), unet.config)
     del patch
     head = FooocusInpaintHead.from_file(head_path, out_channels=unet.conv_in.out_channels)
     attach_fooocus_head(unet, head)
