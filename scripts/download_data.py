@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dreammix.data.download import main  # noqa: E402 - after the path set-up above
+import dreammix.data.download as download  # noqa: E402 - after the path set-up above
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(download.main())

@@ -171,3 +171,16 @@ def test_fresh_clone_offline_quick_start_is_one_line_naming_make_data(tmp_path):
     assert len(errors) == 1 and "make data" in errors[0] and "paths.dreambooth_dir" in errors[0], result.stderr
     assert "data/dreambooth/images/can" in errors[0]
     assert not (tmp_path / "data").exists()  # nothing written for a download that never started
+
+
+def test_make_data_runs_on_the_standard_library_alone():
+    """`make data` runs before `make install`: the script and the module it runs import nothing
+    outside the standard library."""
+    # no PYTHONPATH, no site-packages (-S): the script finds the package by itself
+    code = (f"import runpy, sys; runpy.run_path({str(REPO_ROOT / 'scripts' / 'download_data.py')!r}, run_name='x'); "
+            "import dreammix.data.download; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'dreammix', '__main__'}))")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ.get("PATH", "")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
