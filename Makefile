@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-all mutants data benchmark-data benchmark perf perf-gpu clean
+.PHONY: install test test-all test-browser mutants data benchmark-data benchmark perf perf-gpu clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,14 @@ test: install
 # Everything, including tests marked `slow`.
 test-all: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ''
+
+# The app in a real browser (selenium + Debian's chromium/chromedriver, installed with apt-get when
+# missing; nothing downloaded at run time). Screenshot: outputs/test-browser/app.png.
+test-browser: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y chromium chromium-driver; }
+	DREAMMIX_BROWSER_TEST=1 DREAMMIX_SCREENSHOT_DIR=outputs/test-browser HF_HUB_OFFLINE=1 WANDB_MODE=offline \
+		GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -rs tests/test_browser.py
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml): hours on 2 CPU cores, not
 # part of CI. MUTANTS='dreammix.losses*' limits a run; a stopped run resumes where it was. Scores per

@@ -64,7 +64,11 @@ def entry(monkeypatch, tmp_path):
     """``entry("train.py", *args)`` → (exit code, stderr) of the real entry point, run in process
     from ``tmp_path`` (Hydra's ``outputs/`` lands there)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # the entry point sets it; restored after
+    # the entry point sets it; setenv first so that monkeypatch removes it again afterwards
+    # (a bare delenv of an unset variable records nothing, and it would leak into later tests'
+    # subprocesses, which would then print tracebacks instead of one-line errors)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
     monkeypatch.setenv("WANDB_MODE", "offline")
 
     def run(script: str, *args: str) -> tuple[int, str]:

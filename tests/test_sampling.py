@@ -323,7 +323,8 @@ def test_bad_sampler_values_are_one_line_errors_before_loading(compose, files, m
 
 
 def test_cli_unknown_preset_exits_2_with_one_line(files):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # full tracebacks off
+    env.update(PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "src" / "inpaint.py"), "image=a.png", "mask=b.png", "prompt=a sks can", "sampler=bogus"],
         cwd=files, env=env, capture_output=True, text=True, timeout=120,
@@ -565,7 +566,8 @@ def test_reference_preset_end_to_end_on_tiny_fooocus(compose, files, tiny_model_
 
 @pytest.mark.slow
 def test_cli_reference_preset_on_tiny_fooocus(files, tiny_model_dir):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # full tracebacks off
+    env.update(PYTHONPATH=str(REPO_ROOT / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                DREAMMIX_CACHE=str(tiny_model_dir.parent))  # fmt: skip
     args = [f"image={files / 'room.png'}", f"mask={files / 'room_mask.png'}", "prompt=a sks red can", "steps=5",
             f"out={files / 'cli.png'}", "progress=false"]  # fmt: skip

@@ -515,6 +515,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
     ``pipe_factory`` / ``metric_suite`` replace the model loading (tests count calls through them).
     """
+    if cfg.get("multi_subject"):  # `src/eval.py -cn eval_multi`: two subjects per photo
+        from dreammix.multi_eval import evaluate_multi
+
+        return evaluate_multi(cfg)
     # 1. Everything checkable before loading a model
     run_dir = Path(str(cfg.run_dir))
     row = str(cfg.get("row", "custom"))

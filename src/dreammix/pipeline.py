@@ -772,6 +772,13 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         lcg_images = [PIL.Image.fromarray(a) for a in x_g] if k > 0 else None
         return self._finish(images, lcg_images, box, k, return_dict)
 
+    def inpaint_regions(self, image, regions, **kwargs):
+        """Multi-subject inpainting: each region its own mask, prompt and LoRA adapter (LCG per
+        region, then GCH per region); see :mod:`dreammix.multi_region`."""
+        from dreammix.multi_region import inpaint_regions
+
+        return inpaint_regions(self, image, regions, **kwargs)
+
     def _finish(self, images, lcg_images, box: Box | None, k: int, return_dict: bool):
         self.maybe_free_model_hooks()
         crop = box.as_tuple() if box is not None else None

@@ -199,6 +199,13 @@ RULES: dict[str, Any] = {
     "dif.crop_scale": _float(0.0, 100.0, open_low=True),
     "dif.min_crop_frac": _float(0.0, 1.0, open_low=True),
     "dif.feather_radius": _float(0.0, 10_000.0, nullable=True),
+    # sampler group (conf/sampler/; dreammix.sampling.SamplerSpec checks the same ranges)
+    "sampler.guidance_scale": _GUIDANCE,
+    "sampler.base_switch": _PROB,
+    "sampler.sharpness": _float(0.0, 1e6),
+    "sampler.size_scale.positive": _float(0.0, 100.0, open_low=True),
+    "sampler.size_scale.negative": _float(0.0, 100.0, open_low=True),
+    "sampler.size_scale.end": _PROB,
     "metrics.batch_size": _int(1, 100_000),
     "metrics.crop_scale": _float(0.0, 100.0, open_low=True),
     "metrics.dino.resize": _int(1, 16_384),
