@@ -47,12 +47,14 @@ data:
 benchmark-data: install
 	$(PY) src/build_benchmark.py
 
-# The whole reproduction (paper Tables 1 and 3): benchmark -> LoRAs (+ADM) -> generation -> scores ->
-# outputs/benchmark/table1.md, table3.md. BENCH=tiny: the same chain offline on CPU in under a
-# minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/.
+# The whole reproduction (paper Tables 1 and 3) on the paper's base (model=fooocus): benchmark -> LoRAs
+# (+ADM) -> generation -> scores -> outputs/benchmark/<preset>/table1.md, table3.md. PRESET=paper (the
+# paper's text) | reference (the public code; conf/preset/). BENCH=tiny: the same chain offline on CPU
+# in about a minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/<preset>/.
 BENCH ?= full
+PRESET ?= paper
 benchmark: install
-	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH)
+	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH) preset=$(PRESET)
 
 # Performance report (ours vs same-run baselines) into outputs/perf/: tiny model on CPU ...
 perf: install

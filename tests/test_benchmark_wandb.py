@@ -76,7 +76,7 @@ def test_summary_run_holds_the_tables_job_links_and_contact_sheets(compose, tmp_
     cfg = compose("benchmark_run", ["bench=tiny", f"run_dir={tmp_path / 'summary'}", f"bench.experiments={ROWS}".replace("'", "")])
     log_benchmark(cfg, tmp_path / "bench", _payload(), dirs)
     (run,) = offline_runs(tmp_path / "summary")
-    assert run.job_type == "benchmark" and run.group == "benchmark-tiny"
+    assert run.job_type == "benchmark" and run.group == "benchmark-tiny-paper"
     assert sorted(j["run_id"] for j in run.config["job_runs"]) == ["base0", "dif_1"]
     files = run.files / "media"
     table3 = json.loads(next((files / "table" / "benchmark").glob("table3_*.table.json")).read_text())

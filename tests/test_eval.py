@@ -409,6 +409,7 @@ def test_multirun_sweep_collects_one_results_table(tmp_path, bench, tiny_model_d
     assert sorted(r["lambda"] for r in rows) == [0.0, 1.0]
     assert all(r["identity/n"] == 1 and r["attribute/n"] == 1 for r in rows)
     assert "| lambda |" in (sweep / "results.md").read_text()
+    assert all(r["base"] == "tiny" for r in rows) and "| base |" in (sweep / "results.md").read_text()  # each job's base model
 
 
 def test_cli_bad_input_is_one_line(tmp_path, bench):

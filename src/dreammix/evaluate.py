@@ -588,9 +588,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         "dif": OmegaConf.to_container(cfg.dif, resolve=True),
         "tas": OmegaConf.to_container(cfg.tas, resolve=True),
         "lora_training": None if lora is None else (lora.get("run") or {}).get("loss"),
+        "base_model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.pretrained)},
     }
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    title = f"Evaluation: {row} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
+    title = f"Evaluation: {row} / {subject} on `{cfg.model.name}` (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
     tracker.finish(mine, summary, SCORE_KEYS)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)

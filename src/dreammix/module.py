@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from dreammix.errors import DreamMixError
-from dreammix.losses import dual_dataset_loss, reweighted_mse
+from dreammix.losses import WEIGHTINGS, dual_dataset_loss, reweighted_mse
 from dreammix.models.lora import LoraSpec, add_lora
 
 REGULAR_MODES = ("paired", "sampled")
@@ -29,8 +29,12 @@ class LossSpec:
     beta: float = 0.4
     regular_mode: str = "paired"
     regular_prob: float = 0.3
+    # squared_error: Eq. 7 (paper) | pred_and_target: the public code's (w·p − w·t)², see losses.py
+    weighting: str = "squared_error"
 
     def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise DreamMixError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}", "loss.weighting")
         if self.tau_in < 0 or self.tau_out < 0:
             raise DreamMixError("tau_in and tau_out must be >= 0", "loss.tau_in/loss.tau_out")
         if self.beta < 0:
@@ -165,7 +169,8 @@ class DreamMixLoRAModule(L.LightningModule):
         for name, part in (("loss_source", source), ("loss_regular", regular)):
             if part is not None:
                 end = start + part["latents"].shape[0]
-                out[name] = reweighted_mse(pred[start:end], target[start:end], joined["mask"][start:end], *tau)
+                out[name] = reweighted_mse(pred[start:end], target[start:end], joined["mask"][start:end], *tau,
+                                           weighting=self.loss_spec.weighting)
                 start = end
         if "loss_source" in out:
             out["loss"] = dual_dataset_loss(out["loss_source"], out.get("loss_regular"), self.loss_spec.beta)

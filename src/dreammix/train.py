@@ -70,6 +70,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
+        weighting=str(cfg.loss.get("weighting", "squared_error")),
     )
     lora = LoraSpec(
         rank=config_value(cfg, "lora.rank", int), alpha=config_value(cfg, "lora.alpha", float),
@@ -119,6 +120,10 @@ def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Pa
         "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
         "lora": {"rank": specs.lora.rank, "alpha": specs.lora.alpha, "target_modules": list(specs.lora.target_modules)},
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        # how the items were cut, masked and encoded, and the accumulation (paper text vs. public code)
+        "inputs": {**vars(specs.data.inputs), "blob_grow": list(specs.data.inputs.blob_grow),
+                   "mask_variants": specs.data.mask_variants, "regular_mask_variants": specs.data.regular_mask_variants},
+        "accumulate_grad_batches": int(cfg.trainer.accumulate_grad_batches),
         "train_seconds": seconds,  # this process's fit (a resumed run: the part after the resume)
     }
     atomic_write_text(lora_dir / RUN_INFO_NAME, json.dumps(info, indent=2))

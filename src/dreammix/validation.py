@@ -162,6 +162,8 @@ RULES: dict[str, Any] = {
     "data.batch_size": _int(1, 4_096),
     "data.regular_batch_size": _int(1, 4_096),
     "data.mask_variants": _int(1, 1_000),
+    "data.regular_mask_variants": _int(1, 1_000),
+    "data.blob_grow": NumList(_float(0.0, 100.0), 2),
     "data.max_regular": _int(1, nullable=True),
     "data.num_workers": _int(0, 1_024),
     "data.mask_augmentation.dilate_prob": _PROB,
