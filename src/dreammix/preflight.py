@@ -21,8 +21,8 @@ def check_checkpoint(ckpt_path: Path, lora: LoraSpec) -> None:
     """The checkpoint must be one of ours (read without unpickling code), finite, and of this LoRA shape."""
     state = load_checkpoint_safely(ckpt_path, "ckpt_path")
     saved = state.get("dreammix_lora")
-    configured = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
-    if isinstance(saved, dict) and any(saved.get(k) != v for k, v in configured.items()):
+    configured = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules), "use_dora": lora.use_dora}
+    if isinstance(saved, dict) and any(saved.get(k, False if k == "use_dora" else None) != v for k, v in configured.items()):
         raise DreamMixError(f"checkpoint LoRA {saved} does not match the configured LoRA {configured}", "ckpt_path / lora.*")
     if not any("lora_" in key for key in state["state_dict"]):
         raise DreamMixError("the checkpoint holds no LoRA weights", "ckpt_path")
