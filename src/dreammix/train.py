@@ -152,7 +152,6 @@ def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
         "inputs": {**vars(specs.data.inputs), "blob_grow": list(specs.data.inputs.blob_grow),
                    "mask_variants": specs.data.mask_variants, "regular_mask_variants": specs.data.regular_mask_variants},
         "accumulate_grad_batches": int(cfg.trainer.accumulate_grad_batches),
-        "train_seconds": seconds,  # this process's fit (a resumed run: the part after the resume)
     }
 
 
