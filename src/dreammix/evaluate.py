@@ -53,7 +53,8 @@ from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
 from dreammix.eval_wandb import EvalTracker
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
+from dreammix.validation import check_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def lora_info(lora_dir: str | Path | None) -> dict[str, Any] | None:
         raise DreamMixError("LoRA folder not found", f"lora_dir={lora_dir}")
     if not weights.is_file():
         raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", f"lora_dir={lora_dir}")
+    check_lora_file(weights, f"lora_dir={lora_dir}")  # unreadable or NaN weights: before any model loads
     with weights.open("rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     info: dict[str, Any] = {"dir": str(folder.resolve()), "sha256": sha256}
@@ -396,6 +398,8 @@ def score_cases(
         images = [load_image(image_path(run_dir, c)) for c in batch]
         scores = suite.score(images, [c.box for c in batch], [c.prompt for c in batch], references)
         for case, score in zip(batch, scores):
+            if not all(math.isfinite(float(score[k])) for k in SCORE_KEYS):  # never a NaN into the means
+                raise DreamMixError(f"non-finite score for case {case.case_id}: {dict(score)}", str(image_path(run_dir, case)))
             records.append(
                 {
                     "case_id": case.case_id,
@@ -541,6 +545,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
+    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME), "an evaluation run", "run_dir")
     ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,

@@ -8,6 +8,8 @@ reads only small files (the subject's few photos and masks, the LoRA-only checkp
 from __future__ import annotations
 
 import warnings
+
+import numpy as np
 from pathlib import Path
 
 from dreammix.data.frozen import object_square
@@ -32,7 +34,10 @@ def check_before_loading(subject: Subject, data, lora: LoraSpec, ckpt_path: Path
     """Subject photos and masks readable, non-empty and croppable; checkpoint usable (module docstring)."""
     with warnings.catch_warnings():  # the datamodule repeats them when it loads the data for real
         warnings.simplefilter("ignore")
-        examples = load_source_examples(subject, data.missing_mask)
+        # photos that ADM-style segmentation will mask later are only checked for readability here
+        # (segmenting needs its model; the datamodule checks their crop once it has the masks)
+        whole = lambda paths, images: [np.ones((im.height, im.width), np.float32) for im in images]  # noqa: E731
+        examples = load_source_examples(subject, data.missing_mask, segment_masks=whole)
     for example in examples:  # the square training crop must keep the object (else: error naming the photo)
         object_square(example.mask, example.path)
     if ckpt_path is not None:

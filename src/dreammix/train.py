@@ -28,7 +28,7 @@ from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark
 from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
 from dreammix.guards import FiniteGuard
 from dreammix.interrupt import InterruptCheckpoint
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.preflight import check_before_loading
 from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> Path:
 
     specs = train_specs(cfg)
     val_spec = validation_spec(cfg)
+    check_own_folder(cfg.run_dir, ("checkpoints", "lora", "samples"), "a training run", "run_dir")  # lora/ is replaced
     run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
