@@ -50,6 +50,8 @@ def test_reference_experiment_sets_every_knob_and_defaults_are_the_paper_text(co
         assert _get(reference, key) == REFERENCE[key], key
     assert reference.trainer.max_steps == 1000 and reference.loss.regular_mode == "sampled" and reference.loss.regular_prob == 0.3
     assert list(reference.data.blob_grow) == [0.1, 1.0] and reference.lora.alpha == reference.lora.rank == 4
+    # the public code's optimizer: AdamW, decoupled weight decay 1e-4 (the paper text: Adam)
+    assert (reference.optim.name, reference.optim.weight_decay) == ("adamw", 1e-4) and paper.optim.name == "adam"
     # each knob alone: one override changes that value and nothing else of the reference set
     for key, value in (("data.crop", "random"), ("data.vae_latents", "sample"), ("data.mask_mode", "blob")):
         alone = compose("train", [f"{key}={value}", "run_dir=/tmp/x"])

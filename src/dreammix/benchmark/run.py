@@ -40,6 +40,7 @@ from dreammix.benchmark.executors import EXECUTORS, Execution, execute, make_exe
 from dreammix.benchmark.jobs import CONF_DIR, MODELS, ModelCache, Plan, all_subjects, compose_config, kv, loss_variant, plan_jobs
 from dreammix.benchmark.jobs import override_lists as _lists  # noqa: F401 - the name tests and older callers use
 from dreammix.benchmark.manifest import MANIFEST_NAME, read_manifest
+from dreammix.benchmark.wandb_log import log_benchmark
 from dreammix.errors import DreamMixError
 
 log = logging.getLogger(__name__)
@@ -276,5 +277,6 @@ def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path |
         "paper": paper,
     }
     atomic_write_bytes(result.results, (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8"))
+    log_benchmark(cfg, out, payload, result.eval_dirs)  # W&B summary run: tables, job runs, contact sheets
     log.info("benchmark %s: %s, %s", bench.name, result.table1, result.table3)
     print(f"wrote {result.table1} and {result.table3}" + (f" (cases missing: {incomplete})" if incomplete else ""))

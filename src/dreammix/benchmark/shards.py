@@ -90,9 +90,8 @@ def adopt_shards(run_dir: Path, cases: Sequence[Any], settings: Mapping[str, Any
     the image path relative to a run folder. Returns the number of records adopted. A case already
     recorded in ``run_dir`` is left alone, so adopting twice adds nothing.
     """
-    from dreammix.benchmark.records import RecordLog
+    from dreammix.benchmark.records import SETTINGS_NAME, RecordLog
     from dreammix.benchmark.staleness import sidecar_path
-    from dreammix.evaluate import SETTINGS_NAME  # noqa: PLC0415 - evaluate imports this module
 
     folders = shard_dirs(run_dir)
     if not folders:
