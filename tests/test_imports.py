@@ -101,7 +101,8 @@ def test_fooocus_and_loading_share_pretrained_instead_of_importing_each_other():
 
 def test_benchmark_modules_other_than_the_chain_do_not_import_evaluate():
     """Tables and records are read by format (``benchmark.records``); only the chain that runs
-    evaluations (``benchmark.run``) sits above ``evaluate``."""
+    evaluations (``benchmark.run`` and its job runner ``benchmark.jobs``) sits above ``evaluate``."""
     graph = import_graph()
-    readers = [m for m in graph if m.startswith("dreammix.benchmark") and m != "dreammix.benchmark.run"]
+    chain = {"dreammix.benchmark.run", "dreammix.benchmark.jobs"}
+    readers = [m for m in graph if m.startswith("dreammix.benchmark") and m not in chain]
     assert readers and not [m for m in readers if "dreammix.evaluate" in graph[m]]

@@ -49,7 +49,7 @@ from dreammix.benchmark.records import (  # noqa: F401 - the run's file names, r
     RecordLog,
     summarize,
 )
-from dreammix.benchmark.shards import Shard, adopt_shards
+from dreammix.benchmark.shards import SHARDS_DIR, Shard, adopt_shards
 from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
@@ -549,7 +549,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
-    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME), "an evaluation run", "run_dir")
+    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME, SHARDS_DIR), "an evaluation run", "run_dir")
     ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,
