@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-all mutants data benchmark-data benchmark perf perf-gpu clean
+.PHONY: install test test-all test-browser mutants data benchmark-data benchmark perf perf-gpu clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,14 @@ test: install
 # Everything, including tests marked `slow`.
 test-all: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ''
+
+# The app in a real browser (selenium + Debian's chromium/chromedriver, installed with apt-get when
+# missing; nothing downloaded at run time). Screenshot: outputs/test-browser/app.png.
+test-browser: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y chromium chromium-driver; }
+	DREAMMIX_BROWSER_TEST=1 DREAMMIX_SCREENSHOT_DIR=outputs/test-browser HF_HUB_OFFLINE=1 WANDB_MODE=offline \
+		GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -rs tests/test_browser.py
 
 # Mutation testing of the method's core ([tool.mutmut] in pyproject.toml): hours on 2 CPU cores, not
 # part of CI. MUTANTS='dreammix.losses*' limits a run; a stopped run resumes where it was. Scores per
@@ -39,12 +47,14 @@ data:
 benchmark-data: install
 	$(PY) src/build_benchmark.py
 
-# The whole reproduction (paper Tables 1 and 3): benchmark -> LoRAs (+ADM) -> generation -> scores ->
-# outputs/benchmark/table1.md, table3.md. BENCH=tiny: the same chain offline on CPU in under a
-# minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/.
+# The whole reproduction (paper Tables 1 and 3) on the paper's base (model=fooocus): benchmark -> LoRAs
+# (+ADM) -> generation -> scores -> outputs/benchmark/<preset>/table1.md, table3.md. PRESET=paper (the
+# paper's text) | reference (the public code; conf/preset/). BENCH=tiny: the same chain offline on CPU
+# in about a minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/<preset>/.
 BENCH ?= full
+PRESET ?= paper
 benchmark: install
-	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH)
+	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH) preset=$(PRESET)
 
 # Performance report (ours vs same-run baselines) into outputs/perf/: tiny model on CPU ...
 perf: install

@@ -63,9 +63,11 @@ def test_tables_put_paper_numbers_beside_ours():
 def test_tiny_benchmark_chain_end_to_end_and_rerun_redoes_nothing(compose, shared_data, tmp_path):
     from dreammix.benchmark.run import run_benchmark
 
-    out = tmp_path / "bench"
-    cfg = compose("benchmark_run", ["bench=tiny", f"bench.shared_data={shared_data}", f"bench.out_dir={out}", f"run_dir={tmp_path / 'r'}"])
+    root = tmp_path / "bench"
+    out = root / "paper"  # the default preset's folder
+    cfg = compose("benchmark_run", ["bench=tiny", f"bench.shared_data={shared_data}", f"bench.root={root}", f"run_dir={tmp_path / 'r'}"])
     first = run_benchmark(cfg)
+    assert first.out_dir == out
     # one LoRA per subject and training variant (3 rows share the DreamBooth one), ADM sets where needed
     assert sorted(first.trained) == ["tau1-1_beta0/can", "tau1-1_beta0/dog", "tau1.5-0.7_beta0.4/can", "tau1.5-0.7_beta0.4/dog"]
     assert sorted(first.adm_built) == ["can", "dog"]
@@ -81,6 +83,11 @@ def test_tiny_benchmark_chain_end_to_end_and_rerun_redoes_nothing(compose, share
     for label, paper in (("Baseline", "0.253"), ("+DIF", "0.291"), ("++TAS", "0.290"), ("++ADM", "0.285")):
         assert any(line.startswith(f"| {label} |") and f"| {paper} |" in line for line in table3.splitlines())
     assert "| Real images (ours) |" in table1 and "| DreamMix (paper) | 0.285 | 0.728 | 0.712 | 42.90 | |" in table1
+    # every table names the base model and the preset that produced it (the tiny Fooocus base here)
+    for table in (table1, table3):
+        assert "Base model `tiny_fooocus`" in table and "inpaint_v26.fooocus.patch" in table and "preset `paper`" in table
+    assert results["preset"] == "paper" and results["base_model"]["name"] == "tiny_fooocus"
+    assert "published FID of the DreamMix (paper) row is unverified" in table1
     # records of a row are those of its evaluation runs, once each
     runs = results["rows"]["dif_tas_adm"]["runs"]
     lines = [json.loads(l) for s in ("can", "dog") for l in (out / "eval" / "dif_tas_adm" / s / "records.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import LORA_ALPHA, LORA_RANK, make_real_lora
 from dreammix.benchmark.manifest import Case, write_manifest
@@ -75,7 +76,8 @@ def make_subject(root: Path, n=3) -> Path:
 def make_lora(root: Path, loss: dict) -> Path:
     """A folder that looks like train()'s LoRA output (weights content is irrelevant to stubs)."""
     root.mkdir(parents=True)
-    (root / "pytorch_lora_weights.safetensors").write_bytes(b"not used by the stub pipeline")
+    save_file({"unet.x.lora.down.weight": torch.zeros(1, 1)}, str(root / "pytorch_lora_weights.safetensors"))  # read
+    # (finite, readable) before any model; its values are not used by the stub pipeline
     (root / RUN_INFO_NAME).write_text(json.dumps({"loss": loss}))
     return root
 
@@ -409,6 +411,7 @@ def test_multirun_sweep_collects_one_results_table(tmp_path, bench, tiny_model_d
     assert sorted(r["lambda"] for r in rows) == [0.0, 1.0]
     assert all(r["identity/n"] == 1 and r["attribute/n"] == 1 for r in rows)
     assert "| lambda |" in (sweep / "results.md").read_text()
+    assert all(r["base"] == "tiny" for r in rows) and "| base |" in (sweep / "results.md").read_text()  # each job's base model
 
 
 def test_cli_bad_input_is_one_line(tmp_path, bench):

@@ -264,7 +264,7 @@ def test_non_binary_masks_are_thresholded(pipe):
         (dict(mask=np.ones((32, 64), np.float32)), "mask is 64x32 but the image is 64x64"),
         (dict(lambda_=1.5), "lambda"),
         (dict(num_inference_steps=0), "num_inference_steps"),
-        (dict(output_type="np"), "output_type"),
+        (dict(output_type="jpeg"), "output_type"),
         (dict(tas_stages=["everywhere"]), "TAS stages"),
         (dict(prompt="a red can", eliminate=["blue"]), "'sks'"),
         (dict(prompt=""), "prompt"),

@@ -483,7 +483,7 @@ def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
     monkeypatch.setattr(train_module, "_callbacks", lambda *a, **k: [*original(*a, **k), Sender()])
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_128_plus_signal(entry, tmp_path, subject, monkeypatch,
                                                                          signum, code):
     _signal_at_step(monkeypatch, 2, signum)
@@ -627,7 +627,8 @@ def _png_header(width: int, height: int) -> bytes:
         chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("pixels", [100_000 * 100_000, 12_000 * 8_000], ids=["bomb", "warning-size"])
+@pytest.mark.parametrize("pixels", [100_000 * 100_000, pytest.param(12_000 * 8_000, marks=pytest.mark.slow)],
+                         ids=["bomb", "warning-size"])
 def test_decompression_bombs_are_one_line_errors(entry, tmp_path, monkeypatch, pixels):
     image, mask = _image_and_mask(tmp_path / "in")
     side = int(pixels**0.5)
@@ -766,3 +767,52 @@ def test_fuzz_every_numeric_setting_gives_success_or_a_one_line_error(compose, n
                 assert not (isinstance(value, float) and not np.isfinite(value)), f"{key}={value} accepted"
         with open_dict(cfg):
             parent[index] = original
+
+
+def test_eval_refuses_a_nan_lora_before_the_model_and_nan_scores(compose, tmp_path, tiny_model_dir):
+    from types import SimpleNamespace
+
+    from dreammix.evaluate import evaluate
+    from test_eval import StubPipe, StubSuite, eval_cfg, make_bench, make_lora
+    from test_eval import make_subject as make_refs
+
+    lora = _nan_lora(tiny_model_dir, tmp_path / "nan")
+    bench = SimpleNamespace(manifest=make_bench(tmp_path / "bench", subjects=("thing",), backgrounds=1),
+                            refs=make_refs(tmp_path / "refs"), lora=lora)
+    with pytest.raises(DreamMixError, match="holds NaN or infinite values"):
+        evaluate(eval_cfg(compose, tmp_path, bench, "run"), pipe_factory=boom)
+
+    class NanSuite(StubSuite):
+        def score(self, *args):
+            return [{**s, "clip_i": float("nan")} for s in super().score(*args)]
+
+    bench.lora = make_lora(tmp_path / "lora", {"tau_in": 1.5, "tau_out": 0.7, "beta": 0.4})
+    with pytest.raises(DreamMixError, match="non-finite score for case thing-identity-0"):
+        evaluate(eval_cfg(compose, tmp_path, bench, "run2"), pipe_factory=lambda c: StubPipe(), metric_suite=NanSuite())
+    assert not (tmp_path / "run2" / "records.jsonl").is_file() or not (tmp_path / "run2" / "records.jsonl").read_text()
+
+
+def test_the_real_entry_point_refuses_a_secret_before_writing(tmp_path):
+    """One real process (the in-process runs above share pytest's): nothing under the cwd at all."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, str(SRC / "adm.py"), "+vlm.api_key=sk-test-SECRET-0123456789abcdef"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result.returncode, result.stderr, "secrets are not accepted on the command line")
+    assert "SECRET" not in result.stdout + result.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_run_folder_of_someone_elses_is_refused(entry, tmp_path, subject, sibling, monkeypatch, script):
+    """``run_dir=<a user's folder>``: train would replace its ``lora/``, eval write ``images/`` and
+    ``summary.json`` there; both refuse a non-empty folder that is not one of their runs."""
+    monkeypatch.setattr("dreammix.train.load_pipeline", boom)
+    args = {
+        "train.py": [*TRAIN_FAST, *subject_args(subject)],
+        "eval.py": ["model=tiny", "logger=none", "lora_dir=null", f"manifest={_one_case_manifest(tmp_path)}",
+                    "subject=custom", "subject.name=thing", "subject.class_noun=thing", f"subject.image_dir={subject.image_dir}"],
+    }[script]
+    before = snapshot(sibling)
+    code, err = entry(script, *args, f"run_dir={sibling}")
+    assert_one_line_error(code, err, "is not empty and is not a")
+    assert snapshot(sibling) == before

@@ -326,7 +326,10 @@ def test_checkpoint_records_the_lora_shape_and_refuses_another(tiny_model_dir):
     saved = module(LoraSpec(rank=2, alpha=8))
     checkpoint = {"state_dict": saved.state_dict()}
     saved.on_save_checkpoint(checkpoint)
-    assert checkpoint["dreammix_lora"] == {"rank": 2, "alpha": 8, "target_modules": ["to_k", "to_v"]}
+    record = checkpoint["dreammix_lora"]
+    assert {k: record[k] for k in ("rank", "alpha", "target_modules", "use_dora")} == {
+        "rank": 2, "alpha": 8, "target_modules": ["to_k", "to_v"], "use_dora": False}
+    assert record["unet_layout"] == {"layers_per_block": 1, "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
     assert checkpoint["state_dict"] and all("lora_" in k for k in checkpoint["state_dict"])
     module(LoraSpec(rank=2, alpha=8)).on_load_checkpoint(checkpoint)  # the same LoRA: accepted
     for other in (LoraSpec(rank=4, alpha=8), LoraSpec(rank=2, alpha=2), LoraSpec(rank=2, alpha=8, target_modules=("to_k",))):

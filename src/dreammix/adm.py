@@ -373,6 +373,8 @@ def resolve_attributes(cfg, client=None, out_dir: str | Path | None = None) -> t
 
 def _prompt_settings(cfg) -> dict[str, Any]:
     adm = cfg.adm
+    if adm.prompt_source == "class":  # DreamBooth prior preservation: one class prompt, no attributes
+        return {"source": "class", "base_seed": int(adm.base_seed), "class_prompt": str(adm.class_prompt)}
     return {
         "source": adm.prompt_source,
         "base_seed": int(adm.base_seed),
@@ -396,6 +398,8 @@ def plan_prompts(cfg, attributes: Mapping[str, Sequence[str]], client, stored: M
     kept = list(stored["prompts"]) if stored else []
     if len(kept) >= n:
         return kept[:n]
+    if settings["source"] == "class":
+        return [settings["class_prompt"]] * n
     composed = compose_prompts(
         attributes, cfg.subject.class_noun, n, settings["base_seed"], identifier=settings["identifier"],
         min_before=settings["min_before"], max_before=settings["max_before"], after_prob=settings["after_prob"],
@@ -429,8 +433,10 @@ def _check_config(adm) -> None:
         raise DreamMixError(f"must be >= 1, got {adm.num_prompts}", "adm.num_prompts")
     if int(adm.batch_size) < 1:
         raise DreamMixError(f"must be >= 1, got {adm.batch_size}", "adm.batch_size")
-    if adm.prompt_source not in ("random", "vlm"):
-        raise DreamMixError(f"must be random|vlm, got {adm.prompt_source!r}", "adm.prompt_source")
+    if adm.prompt_source not in ("random", "vlm", "class"):
+        raise DreamMixError(f"must be random|vlm|class, got {adm.prompt_source!r}", "adm.prompt_source")
+    if adm.prompt_source == "class" and not str(adm.get("class_prompt") or "").strip():
+        raise DreamMixError("prompt_source=class needs a class prompt", "adm.class_prompt")
     if int(adm.num_inference_steps) < 1:
         raise DreamMixError(f"must be >= 1, got {adm.num_inference_steps}", "adm.num_inference_steps")
     make_mask(0, (8, 8), adm.mask_shape, adm.mask_area)  # validates shape and area
@@ -468,7 +474,10 @@ def _run_adm(cfg, out_dir: Path, lock: contextlib.ExitStack) -> Path:
     overwrite = bool(adm.overwrite)
     client = make_vlm_client(cfg.get("vlm"))
 
-    attributes, source = resolve_attributes(cfg, client, None if overwrite else out_dir)
+    if adm.prompt_source == "class":  # class-prior images need no attribute dictionary (Eq. 2)
+        attributes, source = {}, "none: adm.prompt_source=class"
+    else:
+        attributes, source = resolve_attributes(cfg, client, None if overwrite else out_dir)
     log.info("attribute dictionary of %s (from %s): %s", cfg.subject.name, source, json.dumps(attributes))
     offline = offline_attributes(cfg.subject) if client is None else None
     if source.endswith(ATTRIBUTES_NAME) and offline and normalize_attributes(offline, "subject") != attributes:

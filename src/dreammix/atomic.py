@@ -6,6 +6,11 @@ file that the next run would take for a finished one. A file is written to a tem
 folder (same file system, so the rename is atomic), flushed and fsynced, then ``os.replace``-d onto
 its path; a folder is built in a staging folder beside it and renamed into place. On any failure
 the temp file or staging folder is removed.
+
+``mkstemp``/``mkdtemp`` create 0600 files and 0700 folders whatever the umask (they are meant for
+private temp data); what we rename into place gets the modes a plain ``open``/``mkdir`` would have
+given (0644 / 0755 under umask 022), so a teammate, a shared ``DREAMMIX_CACHE`` or a ComfyUI server
+running as another user can read the outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,35 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no read-only API elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the modes ``open``/``mkdir`` would
+    have given under the current umask: files 0666 & ~umask, folders 0777 & ~umask."""
+    mask = current_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[Any]], Any], *, text: bool = False) -> Path:
@@ -32,6 +66,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], Any], *, text: boo
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,6 +113,7 @@ def atomic_write_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(staging)
+        apply_umask(staging)
         if replace:
             previous = target.with_name(f".{target.name}.old")
             shutil.rmtree(previous, ignore_errors=True)

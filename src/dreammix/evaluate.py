@@ -43,7 +43,8 @@ from dreammix.benchmark.records import RecordLog
 from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
+from dreammix.validation import check_lora_file
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def lora_info(lora_dir: str | Path | None) -> dict[str, Any] | None:
         raise DreamMixError("LoRA folder not found", f"lora_dir={lora_dir}")
     if not weights.is_file():
         raise DreamMixError(f"LoRA folder has no {LORA_WEIGHTS_NAME}", f"lora_dir={lora_dir}")
+    check_lora_file(weights, f"lora_dir={lora_dir}")  # unreadable or NaN weights: before any model loads
     with weights.open("rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     info: dict[str, Any] = {"dir": str(folder.resolve()), "sha256": sha256}
@@ -384,6 +386,8 @@ def score_cases(
         images = [load_image(image_path(run_dir, c)) for c in batch]
         scores = suite.score(images, [c.box for c in batch], [c.prompt for c in batch], references)
         for case, score in zip(batch, scores):
+            if not all(math.isfinite(float(score[k])) for k in SCORE_KEYS):  # never a NaN into the means
+                raise DreamMixError(f"non-finite score for case {case.case_id}: {dict(score)}", str(image_path(run_dir, case)))
             records.append(
                 {
                     "case_id": case.case_id,
@@ -567,6 +571,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
     ``pipe_factory`` / ``metric_suite`` replace the model loading (tests count calls through them).
     """
+    if cfg.get("multi_subject"):  # `src/eval.py -cn eval_multi`: two subjects per photo
+        from dreammix.multi_eval import evaluate_multi
+
+        return evaluate_multi(cfg)
     # 1. Everything checkable before loading a model
     run_dir = Path(str(cfg.run_dir))
     row = str(cfg.get("row", "custom"))
@@ -589,6 +597,7 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
+    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME), "an evaluation run", "run_dir")
     ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,
@@ -632,9 +641,10 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         "dif": OmegaConf.to_container(cfg.dif, resolve=True),
         "tas": OmegaConf.to_container(cfg.tas, resolve=True),
         "lora_training": None if lora is None else (lora.get("run") or {}).get("loss"),
+        "base_model": {"name": str(cfg.model.name), "pretrained": str(cfg.model.pretrained)},
     }
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    title = f"Evaluation: {row} / {subject} (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
+    title = f"Evaluation: {row} / {subject} on `{cfg.model.name}` (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
     log_to_wandb(cfg, run_dir, mine, summary)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)

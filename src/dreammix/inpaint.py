@@ -150,6 +150,10 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
     Writes ``cfg.out`` (or ``<stem>_<i>.png`` for ``num_images > 1``), each the size of the input,
     and with ``save_grid`` a ``<stem>[_<i>]_grid.png`` strip: input | mask | LCG result | final.
     """
+    if cfg.get("regions"):  # several subjects, each with its own mask, prompt and LoRA
+        from dreammix.inpaint_regions import run_inpaint_regions
+
+        return run_inpaint_regions(cfg)
     # 1. Validate everything that does not need the model
     prompt = str(cfg.prompt)
     _check_paths(cfg)

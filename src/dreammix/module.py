@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from dreammix.errors import DreamMixError
-from dreammix.losses import dual_dataset_loss, reweighted_mse
+from dreammix.losses import WEIGHTINGS, dual_dataset_loss, reweighted_mse
 from dreammix.models.lora import LoraSpec, add_lora
 
 REGULAR_MODES = ("paired", "sampled")
@@ -29,8 +29,12 @@ class LossSpec:
     beta: float = 0.4
     regular_mode: str = "paired"
     regular_prob: float = 0.3
+    # squared_error: Eq. 7 (paper) | pred_and_target: the public code's (w·p − w·t)², see losses.py
+    weighting: str = "squared_error"
 
     def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise DreamMixError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}", "loss.weighting")
         if self.tau_in < 0 or self.tau_out < 0:
             raise DreamMixError("tau_in and tau_out must be >= 0", "loss.tau_in/loss.tau_out")
         if self.beta < 0:
@@ -41,10 +45,16 @@ class LossSpec:
             raise DreamMixError("regular_prob must be in [0, 1]", "loss.regular_prob")
 
 
+OPTIMIZERS = ("adam", "adamw", "adam8bit", "prodigy")
+
+
 @dataclass(frozen=True)
 class OptimSpec:
-    """``conf/optim/*.yaml``: Adam settings (paper: lr 1e-4)."""
+    """``conf/optim/*.yaml``: the optimizer (paper: Adam, lr 1e-4). ``adamw`` decouples weight
+    decay; ``adam8bit`` is bitsandbytes' 8-bit AdamW (CUDA); ``prodigy`` (prodigyopt) estimates the
+    step size itself, so its ``lr`` is a multiplier (1.0)."""
 
+    name: str = "adam"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -55,6 +65,55 @@ class OptimSpec:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise DreamMixError(f"lr must be > 0, got {self.lr}", "optim.lr")
+        if self.name not in OPTIMIZERS:
+            raise DreamMixError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}", "optim.name")
+        if self.name == "adam8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as exc:
+                raise DreamMixError("8-bit Adam needs the bitsandbytes package (pip install bitsandbytes) and a CUDA GPU", "optim.name") from exc
+        if self.name == "prodigy":
+            try:
+                import prodigyopt  # noqa: F401
+            except ImportError as exc:
+                raise DreamMixError("Prodigy needs the prodigyopt package (pip install prodigyopt)", "optim.name") from exc
+
+    def build(self, params, device_type: str) -> torch.optim.Optimizer:
+        """The optimizer over ``params`` (fused Adam/AdamW kernels on CUDA when ``fused``)."""
+        kwargs = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
+        fused = self.fused and device_type == "cuda"
+        if self.name == "adam":
+            return torch.optim.Adam(params, fused=fused, **kwargs)
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, fused=fused, **kwargs)
+        if self.name == "adam8bit":
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, **kwargs)
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """``noise:`` in ``conf/train.yaml``: diffusion-training options of diffusers' and kohya's SDXL
+    LoRA trainers.
+
+    ``offset`` (noise offset, Guttenberg 2023): ``ε ← ε + offset · n`` with ``n ~ N(0, 1)`` per
+    sample and channel, constant over the image, so the model can learn to shift the mean
+    brightness. ``snr_gamma`` (min-SNR-γ, Hang et al. 2023): each sample's loss is weighted by
+    ``min(SNR(t), γ) / SNR(t)`` (ε-prediction) or ``min(SNR(t), γ) / (SNR(t) + 1)``
+    (v-prediction), ``SNR(t) = ᾱ_t / (1 − ᾱ_t)``; 0 = off (paper: off)."""
+
+    offset: float = 0.0
+    snr_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.offset < 0:
+            raise DreamMixError(f"noise offset must be >= 0, got {self.offset}", "noise.offset")
+        if self.snr_gamma < 0:
+            raise DreamMixError(f"snr_gamma must be >= 0 (0 = off), got {self.snr_gamma}", "noise.snr_gamma")
 
 
 def inpaint_unet_forward(unet, noisy, timesteps, mask, masked_latents, prompt_embeds, pooled_embeds, time_ids, dtype=None):
@@ -90,8 +149,10 @@ class DreamMixLoRAModule(L.LightningModule):
         optim: OptimSpec,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        noise: NoiseSpec | None = None,
     ):
         super().__init__()
+        self.noise_spec = noise or NoiseSpec()
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.lora_spec, self.loss_spec, self.optim_spec = lora, loss, optim
@@ -122,6 +183,9 @@ class DreamMixLoRAModule(L.LightningModule):
         n_train = self.noise_scheduler.config.num_train_timesteps
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, n_train, (latents.shape[0],), generator=generator, device=latents.device)
+        if self.noise_spec.offset > 0:  # drawn after t: runs without an offset keep their stream
+            shift = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+            noise = noise + self.noise_spec.offset * shift
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -160,18 +224,32 @@ class DreamMixLoRAModule(L.LightningModule):
             self.unet, noisy, t, joined["mask"], joined["masked_latents"],
             joined["prompt_embeds"], joined["pooled_embeds"], joined["time_ids"], dtype=self.unet_dtype,
         )
+        if self.noise_spec.snr_gamma > 0:
+            # min-SNR-γ: per-sample weight w on the squared error, as (√w·pred − √w·target)²
+            root = self.min_snr_weights(t).sqrt().view(-1, *[1] * (pred.dim() - 1))
+            pred, target = pred.float() * root, target.float() * root
         tau = (self.loss_spec.tau_in, self.loss_spec.tau_out)
         out, start = {}, 0
         for name, part in (("loss_source", source), ("loss_regular", regular)):
             if part is not None:
                 end = start + part["latents"].shape[0]
-                out[name] = reweighted_mse(pred[start:end], target[start:end], joined["mask"][start:end], *tau)
+                out[name] = reweighted_mse(pred[start:end], target[start:end], joined["mask"][start:end], *tau,
+                                           weighting=self.loss_spec.weighting)
                 start = end
         if "loss_source" in out:
             out["loss"] = dual_dataset_loss(out["loss_source"], out.get("loss_regular"), self.loss_spec.beta)
         else:
             out["loss"] = out["loss_regular"]
         return out
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Hang et al. 2023: ``min(SNR, γ)/SNR`` (ε) or ``min(SNR, γ)/(SNR + 1)`` (v) per timestep."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alphas / (1 - alphas)
+        clipped = snr.clamp(max=self.noise_spec.snr_gamma)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped / snr
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
@@ -201,10 +279,7 @@ class DreamMixLoRAModule(L.LightningModule):
 
     def configure_optimizers(self):
         spec = self.optim_spec
-        fused = spec.fused and self.device.type == "cuda"
-        optimizer = torch.optim.Adam(
-            self.lora_params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay, fused=fused
-        )
+        optimizer = spec.build(self.lora_params, self.device.type)
         if spec.warmup_steps <= 0:
             return optimizer  # constant lr (paper): no scheduler to step every optimizer step
         warmup = spec.warmup_steps
@@ -215,11 +290,16 @@ class DreamMixLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["dreammix_lora"] = {"rank": self.lora_spec.rank, "alpha": self.lora_spec.alpha,
-                                       "target_modules": list(self.lora_spec.target_modules)}
+                                       "target_modules": list(self.lora_spec.target_modules),
+                                       "use_dora": self.lora_spec.use_dora,
+                                       # what the kohya module names depend on (src/export_lora.py)
+                                       "unet_layout": {"layers_per_block": self.unet.config.layers_per_block,
+                                                       "up_block_types": list(self.unet.config.up_block_types)}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("dreammix_lora")
         configured = {"rank": self.lora_spec.rank, "alpha": self.lora_spec.alpha,
                       "target_modules": list(self.lora_spec.target_modules)}
-        if saved and any(saved.get(k) != v for k, v in configured.items()):
+        configured["use_dora"] = self.lora_spec.use_dora
+        if saved and any(saved.get(k, False if k == "use_dora" else None) != v for k, v in configured.items()):
             raise DreamMixError(f"checkpoint LoRA {saved} does not match the configured LoRA", "ckpt_path / lora.*")

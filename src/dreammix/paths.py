@@ -74,13 +74,14 @@ def is_empty_dir(path: Path) -> bool:
 
 def check_own_folder(path: str | Path, markers: tuple[str, ...], what: str, where: str) -> None:
     """``path`` must be missing, empty, or a folder this project made (it holds one of ``markers``):
-    a run never writes its fixed file names into a folder of someone else's."""
+    a run never writes its fixed file names into a folder of someone else's. Hidden entries and
+    ``*.log`` files do not count (Hydra's ``.hydra/`` and job log are in a run folder from the start)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise DreamMixError(f"{path} exists and is not a folder", where)
-    if not path.is_dir() or any((path / name).is_file() for name in markers):
+    if not path.is_dir() or any((path / name).exists() for name in markers):
         return
-    if any(entry.name != ".dreammix.lock" for entry in path.iterdir()):
+    if any(not entry.name.startswith(".") and not entry.name.endswith(".log") for entry in path.iterdir()):
         raise DreamMixError(
             f"{path} is not empty and is not {what} (no {' or '.join(markers)}); choose a new or empty folder", where
         )

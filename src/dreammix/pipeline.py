@@ -78,11 +78,12 @@ def split_steps(lambda_: float, num_inference_steps: int) -> int:
 
 @dataclass
 class DreamMixPipelineOutput(BaseOutput):
-    """``images``: final images at the input's size (or final-stage latents for ``output_type="latent"``);
+    """``images``: final images at the input's size as ``output_type`` asked (PIL list, np/pt arrays,
+    or final-stage latents for ``"latent"``);
     ``lcg_images``: x^G, the LCG result pasted into the input (None when λ = 0);
     ``crop_box``: m' as ``(left, top, right, bottom)`` (None when λ = 0); ``lcg_steps``: k."""
 
-    images: list[PIL.Image.Image] | torch.Tensor
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     lcg_images: list[PIL.Image.Image] | None
     crop_box: tuple[int, int, int, int] | None
     lcg_steps: int
@@ -175,8 +176,30 @@ def _as_binary_mask(mask: Any) -> np.ndarray:
     raise DreamMixError(f"mask must be a PIL image or a numpy array, got {type(mask).__name__}", "mask_image")
 
 
+class UnsupportedArgument(DreamMixError, ValueError):
+    """An argument of ``StableDiffusionXLInpaintPipeline.__call__`` that DIF cannot honour: a
+    ``ValueError`` for diffusers users, a one-line :class:`DreamMixError` for the CLI."""
+
+
+#: Tensors a ``callback_on_step_end`` may ask for (``callback_on_step_end_tensor_inputs``), under
+#: diffusers' SDXL names, so its callbacks (e.g. ``SDXLCFGCutoffCallback``) work unchanged.
+CALLBACK_TENSOR_INPUTS = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents"]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _to_output_type(images: list[PIL.Image.Image], output_type: str):
+    """diffusers' conventions: ``np`` = float32 [N, H, W, 3] in [0, 1], ``pt`` = float32 [N, 3, H, W]
+    in [0, 1]; both are the PIL images' pixels / 255 (the final composite is 8-bit by construction)."""
+    if output_type == "pil":
+        return images
+    arrays = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    return arrays if output_type == "np" else torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+
+
 class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
     """Subject-driven SDXL inpainting with DIF (LCG → GCH) and TAS; see the module docstring."""
+
+    _callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
 
     @classmethod
     def from_base(cls, pipe: StableDiffusionXLInpaintPipeline) -> "DreamMixInpaintPipeline":
@@ -268,8 +291,8 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             raise DreamMixError(f"guidance_scale must be >= 0, got {guidance_scale}", "guidance_scale")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise DreamMixError(f"num_images must be a positive integer, got {num_images_per_prompt!r}", "num_images")
-        if output_type not in ("pil", "latent"):
-            raise DreamMixError(f"output_type must be 'pil' or 'latent', got {output_type!r}", "output_type")
+        if output_type not in OUTPUT_TYPES:
+            raise UnsupportedArgument(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}", "output_type")
         if isinstance(generator, list) and len(generator) != num_images_per_prompt:
             raise DreamMixError(
                 f"{len(generator)} generators for {num_images_per_prompt} images", "generator"
@@ -512,6 +535,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         eta: float,
         callback_on_step_end: Callable | None,
         progress_bar: Any,
+        callback_tensor_inputs: Sequence[str] = ("latents",),
         sampler: SamplerSpec = SamplerSpec(),
         tail: sampling.BaseTail | None = None,
     ) -> torch.Tensor:
@@ -521,6 +545,8 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         prediction of its last step (what the next stage is built from).
         """
         w, h = size
+        if not self.do_classifier_free_guidance and cond.embeds.shape[0] == 2 * num_images:
+            cond = _Cond(cond.embeds[num_images:], cond.pooled[num_images:])  # a callback switched CFG off
         timesteps = self._reset_schedule(num_inference_steps, start, device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
@@ -613,8 +639,18 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
                 latents = torch.where(inside, latents, target)
 
             if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {"latents": latents, "stage": stage}) or {}
+                tensors = {"latents": latents, "prompt_embeds": cond.embeds, "add_text_embeds": cond.pooled,
+                           "add_time_ids": time_ids, "mask": mask_c, "masked_image_latents": masked_c}
+                outputs = callback_on_step_end(self, i, t, {"stage": stage, **{k: tensors[k] for k in callback_tensor_inputs}}) or {}
                 latents = outputs.pop("latents", latents)
+                cond = _Cond(outputs.pop("prompt_embeds", cond.embeds), outputs.pop("add_text_embeds", cond.pooled))
+                time_ids = outputs.pop("add_time_ids", time_ids)
+                added_cond = {"text_embeds": cond.pooled, "time_ids": time_ids}
+                scaled_cond = {"text_embeds": cond.pooled, "time_ids": scaled_cond["time_ids"][-time_ids.shape[0]:]}
+                mask_c, masked_c = outputs.pop("mask", mask_c), outputs.pop("masked_image_latents", masked_c)
+                if cfg and not self.do_classifier_free_guidance:  # e.g. SDXLCFGCutoffCallback: conditional half only
+                    cfg = False
+                    mask_c, masked_c = mask_c[-num_images:], masked_c[-num_images:]
             progress_bar.update()
         if stop == num_inference_steps:
             result = latents
@@ -624,9 +660,9 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: PIL.Image.Image | np.ndarray,
-        mask_image: PIL.Image.Image | np.ndarray,
-        prompt: str,
+        image: PIL.Image.Image | np.ndarray | list,
+        mask_image: PIL.Image.Image | np.ndarray | list,
+        prompt: str | list[str],
         negative_prompt: str | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
@@ -648,7 +684,12 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         conditions: PromptConditions | None = None,
+        strength: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampler: SamplerSpec | None = None,
+        **unsupported: Any,
     ) -> DreamMixPipelineOutput | tuple:
         """Inpaint ``mask_image`` (1 = fill) of ``image`` following ``prompt``.
 
@@ -670,7 +711,27 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
                 runs in the call; anything else is refused).
             sampler: the public code's sampling knobs (:class:`dreammix.sampling.SamplerSpec`;
                 None = the paper text: none of them).
+
+        diffusers' ``StableDiffusionXLInpaintPipeline.__call__`` conventions, where DIF can honour them:
+        ``prompt`` may be a list (``image``/``mask_image`` one per prompt, or one shared by all; the
+        outputs are in prompt order, ``num_images_per_prompt`` each); ``output_type`` pil / np / pt /
+        latent; ``callback_on_step_end`` may be a diffusers ``PipelineCallback`` (its
+        ``tensor_inputs``) or a function with ``callback_on_step_end_tensor_inputs`` among
+        :data:`CALLBACK_TENSOR_INPUTS` (the kwargs also carry ``stage``); ``height``/``width``
+        resize the input (and so the output) first. ``strength`` must be 1: DIF denoises the crop
+        from pure noise. Other arguments of diffusers' call (``denoising_start``, ``latents``,
+        ``padding_mask_crop``, ``ip_adapter_image``, ...) raise :class:`UnsupportedArgument`.
         """
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        self._check_call_conventions(strength, height, width, tensor_inputs, unsupported)
+        if isinstance(prompt, (list, tuple)):
+            return self._call_prompt_list(locals())
+        if height is not None or width is not None:
+            image, mask_image = self._resized_inputs(image, mask_image, height, width)
         sampler = sampler or SamplerSpec()
         # 1. Normalise and check inputs (one-line DreamMixError on anything wrong)
         x = _as_rgb_array(image)
@@ -730,7 +791,7 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
             common = dict(
                 num_inference_steps=num_inference_steps, num_images=n, generator=generator, blend=blend,
                 device=device, dtype=dtype, eta=eta, callback_on_step_end=callback_on_step_end,
-                progress_bar=progress_bar, sampler=sampler, tail=tail,
+                progress_bar=progress_bar, callback_tensor_inputs=tensor_inputs, sampler=sampler, tail=tail,
             )  # fmt: skip
 
             # 5. LCG (Eq. 3–5) on the enlarged crop m', pasted back → x^G
@@ -768,9 +829,89 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
                 finals = x_g
 
         # 7. Outputs at the input's size
-        images = [PIL.Image.fromarray(f) for f in finals]
+        images = _to_output_type([PIL.Image.fromarray(f) for f in finals], output_type)
         lcg_images = [PIL.Image.fromarray(a) for a in x_g] if k > 0 else None
         return self._finish(images, lcg_images, box, k, return_dict)
+
+    def _check_call_conventions(self, strength, height, width, tensor_inputs, unsupported: dict) -> None:
+        """Refuse, with a ValueError naming it, what DIF cannot honour of diffusers' call."""
+        import inspect
+
+        parent = inspect.signature(StableDiffusionXLInpaintPipeline.__call__).parameters
+        for name in unsupported:
+            if name not in parent:
+                raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {name!r}")
+        set_ = [k for k, v in unsupported.items() if v is not None and v is not False]
+        if set_:
+            raise UnsupportedArgument(
+                f"{set_[0]!r} is not supported by DreamMix's DIF inpainting (it generates the masked region "
+                "from pure noise in a local crop, then harmonises the whole image)", set_[0],
+            )
+        if float(strength) != 1.0:
+            raise UnsupportedArgument(
+                f"strength must be 1.0 (DIF denoises the local crop from pure noise), got {strength}", "strength"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value < 8):
+                raise UnsupportedArgument(f"{name} must be an integer >= 8, got {value!r}", name)
+        bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if bad:
+            raise UnsupportedArgument(
+                f"callback tensor inputs must be among {CALLBACK_TENSOR_INPUTS}, got {bad}", "callback_on_step_end_tensor_inputs"
+            )
+
+    @staticmethod
+    def _resized_inputs(image, mask_image, height: int | None, width: int | None):
+        """diffusers resizes the input to ``height`` x ``width`` (either defaults to the input's);
+        the output then has that size."""
+        rgb = PIL.Image.fromarray(_as_rgb_array(image))
+        size = (width or rgb.width, height or rgb.height)
+        mask = PIL.Image.fromarray((_as_binary_mask(mask_image) * 255).astype(np.uint8))
+        return _resize(rgb, size), _resize(mask, size)
+
+    def _call_prompt_list(self, args: dict):
+        """One DIF run per prompt (each its own crop and schedule), outputs concatenated in prompt order."""
+        prompts = list(args["prompt"])
+        if not prompts:
+            raise UnsupportedArgument("prompt list is empty", "prompt")
+        if args["conditions"] is not None:
+            raise UnsupportedArgument("conditions= takes one prompt; encode each prompt and call once per prompt", "conditions")
+
+        def per_prompt(value, name):
+            if isinstance(value, (list, tuple)):
+                if len(value) != len(prompts):
+                    raise UnsupportedArgument(f"{len(value)} {name}s for {len(prompts)} prompts (give one, or one per prompt)", name)
+                return list(value)
+            return [value] * len(prompts)
+
+        images, masks = per_prompt(args["image"], "image"), per_prompt(args["mask_image"], "mask_image")
+        n, generator = args["num_images_per_prompt"], args["generator"]
+        if isinstance(generator, list) and len(generator) != n * len(prompts):
+            raise UnsupportedArgument(f"{len(generator)} generators for {n * len(prompts)} images", "generator")
+        keep = {k: v for k, v in args.items() if k not in ("self", "args", "unsupported", "tensor_inputs", "MultiPipelineCallbacks", "PipelineCallback")}
+        outs = []
+        for i, (prompt, image, mask) in enumerate(zip(prompts, images, masks)):
+            gen = generator[i * n : (i + 1) * n] if isinstance(generator, list) else generator
+            outs.append(self(**{**keep, "prompt": prompt, "image": image, "mask_image": mask, "generator": gen, "return_dict": True}))
+        if args["output_type"] in ("pil",):
+            all_images = [im for o in outs for im in o.images]
+        else:
+            shapes = {tuple(o.images.shape[1:]) for o in outs}
+            if len(shapes) > 1:
+                raise UnsupportedArgument(f"outputs of different sizes {sorted(shapes)} cannot be stacked; use output_type='pil'", "output_type")
+            all_images = np.concatenate([o.images for o in outs]) if args["output_type"] == "np" else torch.cat([o.images for o in outs])
+        lcg = [im for o in outs for im in (o.lcg_images or [])] or None
+        boxes = [o.crop_box for o in outs]
+        if not args["return_dict"]:
+            return (all_images, lcg, boxes, outs[0].lcg_steps)
+        return DreamMixPipelineOutput(images=all_images, lcg_images=lcg, crop_box=boxes, lcg_steps=outs[0].lcg_steps)
+
+    def inpaint_regions(self, image, regions, **kwargs):
+        """Multi-subject inpainting: each region its own mask, prompt and LoRA adapter (LCG per
+        region, then GCH per region); see :mod:`dreammix.multi_region`."""
+        from dreammix.multi_region import inpaint_regions
+
+        return inpaint_regions(self, image, regions, **kwargs)
 
     def _finish(self, images, lcg_images, box: Box | None, k: int, return_dict: bool):
         self.maybe_free_model_hooks()

@@ -7,7 +7,6 @@ in diffusers format (with adapter metadata) to ``<run_dir>/lora``.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from dreammix.atomic import atomic_write_text
 from dreammix.callbacks import SampleGridCallback
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
@@ -26,19 +24,20 @@ from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
 from dreammix.data.segmented_masks import source_mask_segmenter
 from dreammix.data.subjects import Subject
 from dreammix.errors import DreamMixError
+from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark.run reads it from here)
+from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
 from dreammix.guards import FiniteGuard
 from dreammix.interrupt import InterruptCheckpoint
-from dreammix.paths import ensure_writable_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.preflight import check_before_loading
 from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
-from dreammix.models.lora import LoraSpec, save_lora
-from dreammix.module import DreamMixLoRAModule, LossSpec, OptimSpec
+from dreammix.models.lora import LoraSpec, lora_state_dict
+from dreammix.module import DreamMixLoRAModule, LossSpec, NoiseSpec, OptimSpec
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 
-RUN_INFO_NAME = "dreammix_run.json"
 
 
 def _training_device(trainer_cfg) -> torch.device:
@@ -80,6 +79,16 @@ class TrainSpecs:
     lora: LoraSpec
     optim: OptimSpec
     ckpt_path: Path | None
+    noise: NoiseSpec = NoiseSpec()
+
+
+def check_known_keys(cfg: DictConfig, group: str, spec_type: type) -> None:
+    """``+lora.use_dorra=true`` must fail, not train without it: every key of ``cfg.<group>`` must
+    be a field of its spec."""
+    unknown = sorted(set(cfg[group]) - set(spec_type.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(sorted(spec_type.__dataclass_fields__))
+        raise DreamMixError(f"unknown option {unknown[0]!r} (known: {known})", f"{group}.{unknown[0]}")
 
 
 def train_specs(cfg: DictConfig) -> TrainSpecs:
@@ -88,16 +97,24 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         tau_in=config_value(cfg, "loss.tau_in", float), tau_out=config_value(cfg, "loss.tau_out", float),
         beta=config_value(cfg, "loss.beta", float), regular_mode=str(cfg.loss.regular_mode),
         regular_prob=config_value(cfg, "loss.regular_prob", float),
+        weighting=str(cfg.loss.get("weighting", "squared_error")),
     )
+    check_known_keys(cfg, "lora", LoraSpec)
     lora = LoraSpec(
         rank=config_value(cfg, "lora.rank", int), alpha=config_value(cfg, "lora.alpha", float),
         dropout=config_value(cfg, "lora.dropout", float), target_modules=tuple(cfg.lora.target_modules),
+        use_dora=config_value(cfg, "lora.use_dora", bool) if "use_dora" in cfg.lora else False,
     )
+    check_known_keys(cfg, "optim", OptimSpec)
     optim = OptimSpec(
-        lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
+        name=str(cfg.optim.get("name", "adam")), lr=config_value(cfg, "optim.lr", float), betas=tuple(cfg.optim.betas),
         weight_decay=config_value(cfg, "optim.weight_decay", float), eps=config_value(cfg, "optim.eps", float),
         warmup_steps=config_value(cfg, "optim.warmup_steps", int), fused=bool(cfg.optim.fused),
     )
+    noise = NoiseSpec()
+    if cfg.get("noise") is not None:
+        check_known_keys(cfg, "noise", NoiseSpec)
+        noise = NoiseSpec(offset=config_value(cfg, "noise.offset", float), snr_gamma=config_value(cfg, "noise.snr_gamma", float))
     max_steps = config_value(cfg, "trainer.max_steps", int)
     if max_steps < 1:
         raise DreamMixError(f"max_steps must be >= 1, got {max_steps}", "trainer.max_steps")
@@ -110,20 +127,28 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
     data = DataSpec.from_config(cfg.data)
     check_before_loading(subject, data, lora, ckpt_path)
-    return TrainSpecs(subject, model_spec_from_config(cfg.model), data, loss, lora, optim, ckpt_path)
+    return TrainSpecs(subject, model_spec_from_config(cfg.model), data, loss, lora, optim, ckpt_path, noise)
 
 
 def _callbacks(
     cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, source_examples: list, run_dir: Path
 ) -> list[L.Callback]:
     """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
+    keep = int(cfg.checkpoint.get("keep_last") or 0)
+    every = int(cfg.checkpoint.every_n_steps)
     callbacks: list[L.Callback] = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="step_{step:06d}", auto_insert_metric_name=False,
-            every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None, save_top_k=-1, save_last=True,
+            every_n_train_steps=every or None, save_last=True,
+            # keep_last K: the K newest by step ("step" is always among Lightning's monitor candidates)
+            **({"save_top_k": keep, "monitor": "step", "mode": "max"} if keep > 0 else {"save_top_k": -1}),
         ),
         FiniteGuard(), InterruptCheckpoint(run_dir / "checkpoints"),  # see dreammix.guards / dreammix.interrupt
     ]
+    if every > 0 and bool(cfg.checkpoint.get("lora_files", True)):
+        callbacks.append(CheckpointLoraCallback(
+            run_dir / "checkpoints", every, keep, specs.lora, lambda step: _run_info(cfg, specs, step, pipe.unet),
+        ))
     val = cfg.validation
     if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
         images, masks = _validation_inputs(source_examples, specs.model.resolution, int(val.num_samples))
@@ -135,15 +160,32 @@ def _callbacks(
     return callbacks
 
 
-def _write_run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, lora_dir: Path) -> None:
-    """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings)."""
-    info = {
+def _run_info(cfg: DictConfig, specs: TrainSpecs, steps: int, unet) -> dict:
+    """``lora/dreammix_run.json``: what the LoRA was trained on (eval checks its loss settings; the
+    kohya export and the model card describe the LoRA with it)."""
+    return {
         "subject": specs.subject.name, "class_noun": specs.subject.class_noun,
         "source_prompt": specs.data.source_prompt, "base_model": specs.model.pretrained, "steps": steps,
-        "lora": {"rank": specs.lora.rank, "alpha": specs.lora.alpha, "target_modules": list(specs.lora.target_modules)},
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "model": specs.model.name, "resolution": specs.model.resolution, "unet_layout": unet_layout(unet.config),
+        "lora": lora_record(specs.lora),
+        "training": {"optimizer": specs.optim.name, "lr": specs.optim.lr, "noise_offset": specs.noise.offset,
+                     "snr_gamma": specs.noise.snr_gamma},
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True), "loss_preset": _loss_preset(),
+        # how the items were cut, masked and encoded, and the accumulation (paper text vs. public code)
+        "inputs": {**vars(specs.data.inputs), "blob_grow": list(specs.data.inputs.blob_grow),
+                   "mask_variants": specs.data.mask_variants, "regular_mask_variants": specs.data.regular_mask_variants},
+        "accumulate_grad_batches": int(cfg.trainer.accumulate_grad_batches),
     }
-    atomic_write_text(lora_dir / RUN_INFO_NAME, json.dumps(info, indent=2))
+
+
+def _loss_preset() -> str | None:
+    """``reweighted`` / ``reference``: the ``loss=`` choice of the composed config (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get("loss")
+    except ValueError:  # not composed by @hydra.main (tests compose directly)
+        return None
 
 
 def train(cfg: DictConfig) -> Path:
@@ -151,6 +193,7 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
+    check_own_folder(cfg.run_dir, ("checkpoints", "lora", "samples"), "a training run", "run_dir")  # lora/ is replaced
     run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
@@ -173,7 +216,7 @@ def train(cfg: DictConfig) -> Path:
 
     module = DreamMixLoRAModule(
         pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
-        gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed),
+        gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed), noise=specs.noise,
     )
     logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
@@ -184,9 +227,10 @@ def train(cfg: DictConfig) -> Path:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
         check_finite_tensors({n: p for n, p in module.named_parameters() if "lora_" in n}, "the trained LoRA")  # never export NaNs
-        weights = save_lora(pipe.unet, run_dir / "lora", specs.lora)
-        _write_run_info(cfg, specs, trainer.global_step, run_dir / "lora")
-        log.info("LoRA written to %s", weights)
+        info = _run_info(cfg, specs, trainer.global_step, pipe.unet)
+        grid = next(iter(sorted((run_dir / "samples").glob("step_*.png"))[-1:]), None)
+        lora_dir = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), specs.lora, info), run_dir / "lora", sample_grid=grid)
+        log.info("LoRA written to %s (diffusers, kohya/webui, model card)", lora_dir)
     finally:
         if logger:
             import wandb

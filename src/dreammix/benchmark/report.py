@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 TASK_TITLES = {"identity": "Identity preservation", "attribute": "Attribute editing"}
 METRIC_TITLES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
 #: Row labels of the paper's Table 3, by experiment name.
-ROW_LABELS = {"baseline": "Baseline", "dif": "+DIF", "dif_tas": "++TAS", "dif_tas_adm": "++ADM"}
+ROW_LABELS = {"baseline": "Baseline", "dif": "+DIF", "dif_tas": "++TAS", "dif_tas_adm": "++ADM",
+              "dreambooth_prior": "Baseline (DreamBooth + class prior, Eq. 2)"}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -199,6 +200,7 @@ def _sweep_row(run_dir: Path) -> dict[str, Any]:
         "job": run_dir.name,
         "row": summary.get("row", settings.get("row")),
         "subject": summary.get("subject", settings.get("subject")),
+        "base": (summary.get("base_model") or {}).get("name"),
         "lambda": (generation.get("dif") or {}).get("lambda_"),
         "tas": (generation.get("tas") or {}).get("enabled"),
         "tas_stages": ",".join((generation.get("tas") or {}).get("stages") or []),
@@ -228,7 +230,7 @@ def collect_results(sweep_dir: str | Path) -> Path | None:
         log.warning("no evaluation summaries below %s", sweep_dir)
         return None
     rows = [_sweep_row(r) for r in runs]
-    columns = ["job", "row", "subject", "lambda", "tas", "tas_stages", "tau_in", "tau_out", "beta", "steps"]
+    columns = ["job", "row", "subject", "base", "lambda", "tas", "tas_stages", "tau_in", "tau_out", "beta", "steps"]
     metrics = [f"{t}/{k}" for t in ("identity", "attribute") for k in (*METRIC_TITLES, "fid")]
     header = [*columns, *[m.replace("identity/", "id ").replace("attribute/", "attr ") for m in metrics]]
     lines = [f"# Sweep results: {sweep_dir}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -109,6 +109,8 @@ def loss_variant(loss: Any) -> str:
     name = f"tau{float(loss.tau_in):g}-{float(loss.tau_out):g}_beta{float(loss.beta):g}"
     if float(loss.beta) > 0 and str(loss.get("regular_mode", "paired")) != "paired":
         name += f"_{loss.regular_mode}{float(loss.regular_prob):g}"
+    if str(loss.get("weighting", "squared_error")) != "squared_error":
+        name += f"_{loss.weighting}"
     return name
 
 
@@ -132,14 +134,18 @@ def ensure_manifest(bench: DictConfig, ov: dict[str, list[str]], conf_dir: Path 
     return manifest
 
 
-def ensure_regular_set(subject: str, regular_dir: Path, out: Path, ov: dict[str, list[str]], conf_dir: Path | None) -> bool:
-    """Run ADM for ``subject`` unless ``regular_dir`` already holds ``adm.num_prompts`` items."""
+def ensure_regular_set(
+    subject: str, regular_dir: Path, out: Path, ov: dict[str, list[str]], conf_dir: Path | None, experiment: str | None = None
+) -> bool:
+    """Run ADM for ``subject`` unless ``regular_dir`` already holds ``adm.num_prompts`` items.
+    ``experiment`` picks the kind of set (``dreambooth_prior``: class-prior images, Eq. 2)."""
     from dreammix.adm import read_manifest as read_regular, run_adm
 
     cfg = compose_config(
         "adm",
         [*ov["paths_overrides"], *ov["overrides"], *ov["adm_overrides"], kv("subject", subject),
-         kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / subject)],
+         kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / regular_dir.name),
+         *([kv("experiment", experiment)] if experiment else [])],
         conf_dir,
     )  # fmt: skip
     have = len(read_regular(regular_dir))  # 0 without a manifest
@@ -164,7 +170,7 @@ def ensure_lora(
     if (lora / RUN_INFO_NAME).is_file() and (lora / LORA_WEIGHTS_NAME).is_file():
         return lora
     if float(probe.loss.beta) > 0 and bool(bench.get("adm", True)):
-        if ensure_regular_set(subject, Path(str(probe.data.regular_dir)), out, ov, conf_dir):
+        if ensure_regular_set(subject, Path(str(probe.data.regular_dir)), out, ov, conf_dir, experiment):
             result.adm_built.append(subject)
     resume = run_dir / "checkpoints" / "last.ckpt"
     extra = [kv("ckpt_path", resume)] if resume.is_file() else []
@@ -191,10 +197,11 @@ def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> Benchm
 
 def evaluate_rows(
     experiments: list[str], subjects: list[str], loras: dict[tuple[str, str], Path], common: list[str], out: Path,
-    conf: Path | None, models: ModelCache,
+    conf: Path | None, models: ModelCache, row_overrides: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, Path]]:
     """``evaluate`` every row × subject into ``<out>/eval/<row>/<subject>``, without FID (the tables
-    compute it over a row's whole generated set); returns the run folders by row and subject."""
+    compute it over a row's whole generated set); returns the run folders by row and subject.
+    ``row_overrides[row]``: extra overrides of that row (the loss its preset trained it with)."""
     from dreammix.evaluate import evaluate
 
     eval_dirs: dict[str, dict[str, Path]] = {}
@@ -204,8 +211,8 @@ def evaluate_rows(
             run_dir = out / "eval" / experiment / subject
             ecfg = compose_config(
                 "eval",
-                [*common, kv("experiment", experiment), kv("subject", subject), kv("lora_dir", loras[(experiment, subject)]),
-                 kv("run_dir", run_dir), "fid=false"],
+                [*common, kv("experiment", experiment), *(row_overrides or {}).get(experiment, []), kv("subject", subject),
+                 kv("lora_dir", loras[(experiment, subject)]), kv("run_dir", run_dir), "fid=false"],
                 conf,
             )  # fmt: skip
             evaluate(ecfg, pipe_factory=models.pipeline, metric_suite=models.suite(ecfg))
@@ -240,13 +247,12 @@ def real_images(suite: Any, subjects: list[str], common: list[str], out: Path, c
 
 
 def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
+    from dreammix.benchmark.presets import BenchPreset, describe_setup
     from dreammix.benchmark.report import merge_runs, table1_markdown, table3_markdown
     from dreammix.evaluate import fid_of, make_fid_extractor
 
     bench = cfg.bench
     conf = Path(str(conf_dir)) if conf_dir else None
-    out = Path(str(bench.out_dir))
-    out.mkdir(parents=True, exist_ok=True)
     ov = _lists(bench)
     experiments = [str(e) for e in bench.experiments]
     if not experiments:
@@ -254,6 +260,19 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     for name in experiments:
         if not ((conf or CONF_DIR) / "experiment" / f"{name}.yaml").is_file():
             raise DreamMixError(f"unknown experiment {name!r} (no conf/experiment/{name}.yaml)", "bench.experiments")
+    # The preset: each row's training experiment, extra overrides; checked before anything runs.
+    preset = BenchPreset.from_config(cfg.get("preset"))
+    preset.check(experiments, conf or CONF_DIR)
+    ov["train_overrides"] += list(preset.train_overrides)
+    ov["eval_overrides"] += list(preset.eval_overrides)
+    train_of = {e: preset.train_experiment(e) for e in experiments}
+    probe_overrides = [*ov["paths_overrides"], *ov["overrides"], *ov["train_overrides"], "run_dir=/nonexistent"]
+    probes = {e: compose_config("train", [*probe_overrides, kv("experiment", train_of[e])], conf) for e in experiments}
+    preset.check_base(probes[experiments[0]].model)
+    # Evaluation checks each LoRA against the loss it was trained with (the preset's, not the row's).
+    row_loss = {e: [kv(f"loss.{k}", probes[e].loss[k]) for k in ("tau_in", "tau_out", "beta")] for e in experiments}
+    out = Path(str(bench.out_dir))
+    out.mkdir(parents=True, exist_ok=True)
 
     # 1. benchmark
     manifest = ensure_manifest(bench, ov, conf)
@@ -268,12 +287,12 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     result = BenchmarkRun(out_dir=out, table1=out / "table1.md", table3=out / "table3.md", results=out / "results.json")
 
     # 2. LoRAs (all first: the expensive, GPU-bound part; shared between rows of the same variant)
-    loras = {(e, s): ensure_lora(e, s, out, ov, bench, conf, result) for e in experiments for s in subjects}
+    loras = {(e, s): ensure_lora(train_of[e], s, out, ov, bench, conf, result) for e in experiments for s in subjects}
 
     # 3. evaluation (per subject; FID is computed over the whole row below, not per subject)
     common = [*ov["paths_overrides"], *ov["overrides"], *ov["eval_overrides"], kv("benchmark.out_dir", manifest.parent)]
     models = ModelCache()
-    result.eval_dirs = evaluate_rows(experiments, subjects, loras, common, out, conf, models)
+    result.eval_dirs = evaluate_rows(experiments, subjects, loras, common, out, conf, models, row_loss)
 
     # 4. tables
     report_cfg = compose_config("eval", [*common, "lora_dir=null", kv("run_dir", out / "report")], conf)
@@ -292,7 +311,8 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
 
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else {}
     note = (
-        f"Benchmark `{bench.name}`: {len(subjects)} subjects ({', '.join(subjects)}), manifest `{manifest}`."
+        f"Benchmark `{bench.name}`: {len(subjects)} subjects ({', '.join(subjects)}), manifest `{manifest}`. "
+        + describe_setup(report_cfg.model, preset)
         + (" Tiny random models: the values only show that the chain runs." if str(bench.name) == "tiny" else "")
     )
     fid_note = (
@@ -300,6 +320,9 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
         + (" (colour statistics, not comparable with published FID)." if str(report_cfg.fid_extractor) != "inception" else ".")
         if extractor is not None else "FID: not computed (bench.fid=false)."
     )  # fmt: skip
+    if any("fid" in (v or {}) for v in ((paper.get("table1") or {}).get("dreammix") or {}).values()):
+        fid_note += (" The published FID of the DreamMix (paper) row is unverified: the paper text we reproduce from"
+                     " has numbers for Table 3 only (CLIP-T / CLIP-I / DINO, equal to its ++ADM row).")
     table1_row = str(bench.get("table1_experiment", "dif_tas_adm"))
     atomic_write_bytes(result.table3, table3_markdown(rows, paper.get("table3") or {}, experiments, note=note).encode("utf-8"))
     atomic_write_bytes(
@@ -309,6 +332,9 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     )  # fmt: skip
     payload = {
         "benchmark": bench.name,
+        "preset": preset.name,
+        "base_model": {"name": str(report_cfg.model.name), "pretrained": str(report_cfg.model.pretrained)},
+        "train_experiments": train_of,
         "subjects": subjects,
         "manifest": str(manifest),
         "rows": {e: {"tasks": rows[e]["tasks"], "fid": fid.get(e), "runs": {s: str(p) for s, p in result.eval_dirs[e].items()}} for e in experiments},

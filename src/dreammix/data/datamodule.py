@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
-from dreammix.data.frozen import CachedInpaintSet, FrozenInputEncoder, encode_examples
+from dreammix.data.frozen import CachedInpaintSet, FrozenInputEncoder, InputOptions, encode_examples
 from dreammix.data.masks import MaskAugmentation
 from dreammix.data.regular import has_regular_data, load_regular_examples
 from dreammix.data.subjects import MISSING_MASK_POLICIES, SegmentMasks, Subject, load_source_examples
@@ -87,24 +87,36 @@ class DataSpec:
     missing_mask: str = "full"
     mask_augmentation: MaskAugmentation = field(default_factory=MaskAugmentation)
     num_workers: int = 0
+    # Crop / latents / mask mode of both sets (paper-text defaults; see conf/data/default.yaml).
+    inputs: InputOptions = field(default_factory=InputOptions)
+    regular_mask_variants: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.regular_batch_size < 1:
             raise DreamMixError("batch sizes must be >= 1", "data.batch_size")
         if self.mask_variants < 1:
             raise DreamMixError("mask_variants must be >= 1", "data.mask_variants")
+        if self.regular_mask_variants < 1:
+            raise DreamMixError("regular_mask_variants must be >= 1", "data.regular_mask_variants")
         if self.missing_mask not in MISSING_MASK_POLICIES:
             raise DreamMixError(f"must be one of {'|'.join(MISSING_MASK_POLICIES)}, got {self.missing_mask!r}",
                                 "data.missing_mask")  # fmt: skip
 
     @classmethod
     def from_config(cls, cfg) -> "DataSpec":
-        values = {k: cfg[k] for k in cfg if k in cls.__dataclass_fields__ and k != "mask_augmentation"}
+        knobs = {"crop": "center", "vae_latents": "mean", "mask_mode": "augment", "blob_grow": (0.1, 1.0)}
+        skip = {"mask_augmentation", "inputs", *knobs}
+        values = {k: cfg[k] for k in cfg if k in cls.__dataclass_fields__ and k not in skip}
         try:
             augmentation = MaskAugmentation(**cfg.get("mask_augmentation", {}))
         except (TypeError, ValueError) as exc:
             raise DreamMixError(str(exc), "data.mask_augmentation") from exc
-        return cls(mask_augmentation=augmentation, **values)
+        chosen = {k: cfg.get(k, default) for k, default in knobs.items()}
+        try:
+            inputs = InputOptions(**{**chosen, "blob_grow": tuple(float(v) for v in chosen["blob_grow"])})
+        except (TypeError, ValueError) as exc:
+            raise DreamMixError(str(exc), "data.crop/vae_latents/mask_mode/blob_grow") from exc
+        return cls(mask_augmentation=augmentation, inputs=inputs, **values)
 
 
 class DreamMixDataModule(L.LightningDataModule):
@@ -143,6 +155,7 @@ class DreamMixDataModule(L.LightningDataModule):
             variants=self.spec.mask_variants,
             augmentation=self.spec.mask_augmentation,
             seed=self.seed,
+            options=self.spec.inputs,
         )
         if not self.use_regular:
             return
@@ -156,7 +169,10 @@ class DreamMixDataModule(L.LightningDataModule):
             warnings.warn(message + "; training on the source set only", stacklevel=2)
             return
         regular = load_regular_examples(Path(self.spec.regular_dir), limit=self.spec.max_regular)
-        self.regular = encode_examples(regular, [r.prompt for r in regular], self.encoder, self.resolution, seed=self.seed)
+        self.regular = encode_examples(
+            regular, [r.prompt for r in regular], self.encoder, self.resolution, seed=self.seed,
+            variants=self.spec.regular_mask_variants, options=self.spec.inputs,
+        )  # fmt: skip
 
     def _loader(self, dataset: CachedInpaintSet, batch_size: int, seed: int) -> DataLoader:
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0

@@ -14,10 +14,44 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreammix.data.masks import MaskAugmentation, augment_mask
+from dreammix.data.masks import MASK_MODES, MaskAugmentation, augment_mask, bezier_blob_mask
 from dreammix.data.subjects import MaskedImage
 from dreammix.errors import DreamMixError
 from dreammix.losses import latent_mask
+
+#: ``center``: centre square, time ids ``(R, R, 0, 0, R, R)``; ``random``: the public code's
+#: (and diffusers' SDXL training scripts') resize-short-side + random crop, with the crop offset
+#: and the original size in the time ids.
+CROP_MODES = ("center", "random")
+#: ``mean``: the VAE posterior's mean; ``sample``: one posterior draw per cached item (the public
+#: code encodes with ``pipe._encode_vae_image``, which samples).
+LATENT_MODES = ("mean", "sample")
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How training items are cut, masked and encoded (``conf/data``: ``crop``, ``vae_latents``,
+    ``mask_mode``, ``blob_grow``). Defaults: the paper text's reading (centre crop, posterior
+    mean, the given masks + augmentation); each value alone switches to the public code's way."""
+
+    crop: str = "center"
+    vae_latents: str = "mean"
+    mask_mode: str = "augment"
+    blob_grow: tuple[float, float] = (0.1, 1.0)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("crop", self.crop, CROP_MODES), ("vae_latents", self.vae_latents, LATENT_MODES),
+                                     ("mask_mode", self.mask_mode, MASK_MODES)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        low, high = self.blob_grow
+        if not 0.0 <= low <= high:
+            raise ValueError(f"blob_grow must be [low, high] with 0 <= low <= high, got {list(self.blob_grow)}")
+
+    @property
+    def per_item_latents(self) -> bool:
+        """Each item needs its own clean latents (its own crop, or its own posterior draw)."""
+        return self.crop == "random" or self.vae_latents == "sample"
 
 
 #: A square crop must keep at least this share of the object mask's pixels.
@@ -70,6 +104,30 @@ def square_crop_resize(example: MaskedImage, resolution: int) -> tuple[torch.Ten
     return pixels, mask
 
 
+def random_crop_resize(example: MaskedImage, resolution: int, generator: torch.Generator):
+    """Short side resized to ``resolution``, then a uniformly placed ``resolution²`` crop.
+
+    Returns pixels in [-1, 1] ``(3,R,R)``, the binary mask ``(R,R)`` and the SDXL time ids
+    ``(orig_h, orig_w, top, left, R, R)``: original size before resizing, crop offset in the
+    resized image (what the public code and diffusers' SDXL training script pass as
+    ``original_size`` / ``crops_coords_top_left``). A square photo (all of DreamBench) has offset
+    (0, 0); on a long photo the crop may, as in the public code, leave the object out.
+    """
+    image = example.image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    top = int(torch.randint(0, rh - resolution + 1, (), generator=generator))
+    left = int(torch.randint(0, rw - resolution + 1, (), generator=generator))
+    box = (left, top, left + resolution, top + resolution)
+    resized = image.resize((rw, rh), Image.BICUBIC).crop(box)
+    mask_img = Image.fromarray((example.mask * 255).astype(np.uint8), mode="L").resize((rw, rh), Image.NEAREST).crop(box)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    mask = torch.from_numpy((np.asarray(mask_img) >= 128).astype(np.float32))
+    time_ids = torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32)
+    return pixels, mask, time_ids
+
+
 class FrozenInputEncoder:
     """Wraps the frozen parts of an SDXL inpainting pipeline (VAE encoder, two text encoders)."""
 
@@ -93,13 +151,15 @@ class FrozenInputEncoder:
         return torch.cat(embeds), torch.cat(pooled)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents (mean of the posterior) of ``(N, 3, R, R)`` images in [-1, 1]."""
+    def encode_images(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents of ``(N, 3, R, R)`` images in [-1, 1]: the posterior's mean, or
+        with ``sample`` one draw ``mean + std·ε`` (``ε`` from ``generator``)."""
         vae = self.pipe.vae
         out = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = pixels[start : start + self.batch_size].to(self.device, vae.dtype)
-            latents = vae.encode(chunk).latent_dist.mode()
+            posterior = vae.encode(chunk).latent_dist
+            latents = posterior.sample(generator) if sample else posterior.mode()
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
         return torch.cat(out)
@@ -125,7 +185,7 @@ class CachedInpaintSet(torch.utils.data.Dataset):
     prompt_embeds: torch.Tensor  # (n_prompts, 77, D)
     pooled_embeds: torch.Tensor  # (n_prompts, P)
     prompt_index: torch.Tensor  # (n_items,)
-    time_ids: torch.Tensor  # (6,)
+    time_ids: torch.Tensor  # (6,) shared, or (n_items, 6) per item (random crops)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -142,7 +202,7 @@ class CachedInpaintSet(torch.utils.data.Dataset):
             "mask": self.masks[items],
             "prompt_embeds": self.prompt_embeds[prompts],
             "pooled_embeds": self.pooled_embeds[prompts],
-            "time_ids": self.time_ids.expand(len(items), -1),
+            "time_ids": self.time_ids[items] if self.time_ids.dim() == 2 else self.time_ids.expand(len(items), -1),
         }
 
 
@@ -154,34 +214,60 @@ def encode_examples(
     variants: int = 1,
     augmentation: MaskAugmentation | None = None,
     seed: int = 0,
+    options: InputOptions = InputOptions(),
 ) -> CachedInpaintSet:
-    """Encode images, ``variants`` masks per image (variant 0 = the mask as given) and prompts.
+    """Encode images, ``variants`` masks per image and prompts.
 
-    ``prompts`` holds one prompt per example, or a single prompt shared by all.
+    ``prompts`` holds one prompt per example, or a single shared prompt. With the default
+    ``options`` variant 0 is the mask as given and the others are augmented, sharing the image's
+    clean latents. ``options.mask_mode="blob"`` makes every variant a Bézier blob;
+    ``options.crop="random"`` gives every variant its own crop and time ids;
+    ``options.vae_latents="sample"`` its own posterior draw (the public code's 10 cached repeats
+    per photo, each cropped, blob-masked and encoded anew).
     """
     if len(prompts) not in (1, len(examples)):
         raise ValueError("need one prompt per example or a single shared prompt")
     generator = torch.Generator().manual_seed(seed)
-    pixels, masks = zip(*(square_crop_resize(e, resolution) for e in examples))
-    pixels = torch.stack(pixels)
-    item_masks, item_pixels, image_index = [], [], []
-    for i, mask in enumerate(masks):
+    centred = [square_crop_resize(e, resolution) for e in examples] if options.crop == "center" else None
+    item_images, item_masks, item_pixels, item_time_ids, image_index = [], [], [], [], []
+    for i, example in enumerate(examples):
         for v in range(variants):
-            m = mask if v == 0 or augmentation is None else augment_mask(mask, augmentation, generator)
+            if centred is not None:
+                pixels, mask = centred[i]
+                time_ids = FrozenInputEncoder.time_ids(resolution)
+            else:
+                pixels, mask, time_ids = random_crop_resize(example, resolution, generator)
+            if options.mask_mode == "blob":
+                m = bezier_blob_mask(mask, options.blob_grow, generator)
+            elif v == 0 or augmentation is None:
+                m = mask
+            else:
+                m = augment_mask(mask, augmentation, generator)
+            item_images.append(pixels)
             item_masks.append(m)
-            item_pixels.append(pixels[i] * (1.0 - m))  # masked image: region to fill set to 0 (mid-grey)
+            item_pixels.append(pixels * (1.0 - m))  # masked image: region to fill set to 0 (mid-grey)
+            item_time_ids.append(time_ids)
             image_index.append(i)
     unique_prompts = list(dict.fromkeys(prompts))
     prompt_embeds, pooled = encoder.encode_prompts(unique_prompts)
     prompt_of_example = [unique_prompts.index(prompts[0] if len(prompts) == 1 else prompts[i]) for i in range(len(examples))]
     factor = encoder.vae_scale_factor
+    sample = options.vae_latents == "sample"
+    # A generator of its own: sampling the posterior does not shift the crop / mask draws above.
+    vae_generator = torch.Generator().manual_seed(seed + 1_000_033) if sample else None
+    if options.per_item_latents:
+        latents = encoder.encode_images(torch.stack(item_images), sample=sample, generator=vae_generator)
+        latent_index = torch.arange(len(image_index))
+    else:
+        latents = encoder.encode_images(torch.stack([c[0] for c in centred]))
+        latent_index = torch.tensor(image_index)
     return CachedInpaintSet(
-        latents=encoder.encode_images(pixels),
-        masked_latents=encoder.encode_images(torch.stack(item_pixels)),
+        latents=latents,
+        masked_latents=encoder.encode_images(torch.stack(item_pixels), sample=sample, generator=vae_generator),
         masks=latent_mask(torch.stack(item_masks)[:, None], factor=factor),
-        image_index=torch.tensor(image_index),
+        image_index=latent_index,
         prompt_embeds=prompt_embeds,
         pooled_embeds=pooled,
         prompt_index=torch.tensor([prompt_of_example[i] for i in image_index]),
-        time_ids=FrozenInputEncoder.time_ids(resolution),
+        time_ids=torch.stack(item_time_ids) if options.crop == "random" else FrozenInputEncoder.time_ids(resolution),
     )

@@ -8,6 +8,7 @@ rescaled silently on reload.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class LoraSpec:
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=("to_k", "to_v"))
+    # DoRA (Liu et al. 2024, peft ``use_dora``): a trained magnitude vector per adapted weight.
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         from dreammix.errors import DreamMixError
@@ -48,6 +51,7 @@ class LoraSpec:
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             init_lora_weights="gaussian",
+            use_dora=self.use_dora,
         )
 
 
@@ -69,17 +73,41 @@ def add_lora(unet: torch.nn.Module, spec: LoraSpec) -> list[torch.nn.Parameter]:
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights in diffusers naming (what ``load_lora_weights`` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return _diffusers_names(get_peft_model_state_dict(unet))
 
 
-def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> Path:
-    """Write ``<directory>/pytorch_lora_weights.safetensors`` atomically (temp dir + rename)."""
+def _diffusers_names(peft_names: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' names where diffusers has them. It renames only attention projections
+    (to_q/k/v/out.0); a file mixing both namings loads partially (``load_lora_weights`` drops the
+    renamed half), so a LoRA with other targets keeps peft's names throughout (which diffusers loads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(peft_names)
+    return peft_names if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
+
+
+def checkpoint_lora_state_dict(state_dict: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA of a training checkpoint (``DreamMixLoRAModule`` parameters ``unet.<module>.lora_A.<adapter>.weight``)
+    in the naming of :func:`lora_state_dict`: the same tensors the run would have exported at that step."""
+    peft_names = {}
+    for key, value in state_dict.items():
+        if not key.startswith("unet.") or "lora_" not in key:
+            continue
+        peft_names[key[len("unet."):].replace(f".{adapter}.", ".")] = value
+    return _diffusers_names(peft_names)
+
+
+def save_lora_weights(
+    weights: dict[str, torch.Tensor], directory: str | Path, spec: LoraSpec, also: Callable[[Path], None] | None = None
+) -> Path:
+    """Write ``weights`` (naming of :func:`lora_state_dict`) as ``<directory>/pytorch_lora_weights.safetensors``
+    with the adapter metadata, atomically (temp dir + rename); ``also(staging)`` adds files to the
+    same folder before it appears (other formats, the model card)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
 
     def build(staging: Path) -> None:
         StableDiffusionXLInpaintPipeline.save_lora_weights(
@@ -88,6 +116,13 @@ def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> P
             unet_lora_adapter_metadata=spec.to_peft().to_dict(),
             safe_serialization=True,
         )
+        if also is not None:
+            also(staging)
 
     # replace=True moves an older export aside before the rename, so a crash never leaves no LoRA at all.
     return atomic_write_dir(directory, build, replace=True) / LORA_WEIGHTS_NAME
+
+
+def save_lora(unet: torch.nn.Module, directory: str | Path, spec: LoraSpec) -> Path:
+    """Write the UNet's LoRA as ``<directory>/pytorch_lora_weights.safetensors`` (see :func:`save_lora_weights`)."""
+    return save_lora_weights(lora_state_dict(unet), directory, spec)

@@ -1,0 +1,110 @@
+"""DreamMixInpaintPipeline.__call__ follows StableDiffusionXLInpaintPipeline.__call__'s conventions
+where DIF can honour them (prompt lists, output types, diffusers' step-end callbacks, height/width)
+and refuses the rest with a ValueError (issue 15)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dreammix.pipeline import DreamMixInpaintPipeline
+from test_pipeline import PROMPT, _image, _mask
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _call(pipe, prompt=PROMPT, image=None, mask=None, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("lambda_", 0.5)
+    generator = kwargs.pop("generator", torch.Generator().manual_seed(seed))
+    image = _image(64, 64) if image is None else image
+    mask = _mask(64, 64, (16, 40), (16, 40)) if mask is None else mask
+    return pipe(image, mask, prompt, generator=generator, **kwargs)
+
+
+def test_np_and_pt_outputs_equal_the_pil_output(pipe):
+    pil = _call(pipe).images
+    as_np = _call(pipe, output_type="np").images
+    as_pt = _call(pipe, output_type="pt").images
+    expected = np.stack([np.asarray(im) for im in pil]).astype(np.float32) / 255
+    assert as_np.dtype == np.float32 and as_np.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(as_np, expected)
+    assert as_pt.shape == (1, 3, 64, 64)
+    np.testing.assert_array_equal(as_pt.permute(0, 2, 3, 1).numpy(), expected)
+
+
+@pytest.mark.parametrize("cutoff,batches", [(2, [2, 2, 2, 1]), (1, [2, 2, 1, 1]), (0, [2, 1, 1, 1])])
+def test_diffusers_cfg_cutoff_callback_runs_through_both_stages(pipe, cutoff, batches):
+    """diffusers' own SDXLCFGCutoffCallback (asks for prompt_embeds, add_text_embeds, add_time_ids):
+    after its step the UNet runs on the conditional half only, also in the stage that follows."""
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        out = _call(pipe, guidance_scale=5.0, callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=cutoff)).images
+    finally:
+        handle.remove()
+    assert seen == batches  # local stage: steps 0, 1; global: 2, 3 (λ = 0.5 of 4); cutoff after step `cutoff`
+    full = _call(pipe, guidance_scale=5.0).images
+    assert np.abs(np.asarray(out[0], np.float32) - np.asarray(full[0], np.float32)).max() > 0
+
+
+def test_callback_gets_the_asked_tensors_and_its_returns_are_used(pipe):
+    got = []
+
+    def callback(p, i, t, kwargs):
+        got.append(sorted(kwargs))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 3 else {}
+
+    out = _call(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "mask", "add_time_ids"],
+                output_type="latent").images
+    assert got == [["add_time_ids", "latents", "mask", "stage"]] * 4
+    assert torch.count_nonzero(out) == 0  # the last step's returned latents are the output
+
+
+def test_prompt_lists_broadcast_or_pair_images(pipe):
+    a, b = _image(64, 64, seed=1), _image(64, 64, seed=2)
+    mask = _mask(64, 64, (16, 40), (16, 40))
+    prompts = [PROMPT, "a photo of sks blue can"]
+    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    paired = _call(pipe, prompts, image=[a, b], mask=mask, generator=gens, output_type="np").images
+    single = [_call(pipe, p, image=im, mask=mask, seed=s, output_type="np").images[0] for p, im, s in zip(prompts, (a, b), (5, 6))]
+    assert paired.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(paired, np.stack(single))
+    broadcast = _call(pipe, prompts, image=a, mask=mask, num_images_per_prompt=2, output_type="pil")
+    assert len(broadcast.images) == 4 and len(broadcast.crop_box) == 2
+
+
+def test_height_width_resize_the_input_and_output(pipe):
+    image, mask = _image(48, 80), _mask(48, 80, (10, 30), (20, 50))
+    out = _call(pipe, image=image, mask=mask, height=64, width=64).images[0]
+    assert out.size == (64, 64)
+    pre_image, pre_mask = pipe._resized_inputs(image, mask, 64, 64)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(_call(pipe, image=pre_image, mask=pre_mask).images[0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strength=0.6), "strength must be 1.0"),
+        (dict(denoising_end=0.8), "'denoising_end' is not supported"),
+        (dict(padding_mask_crop=32), "'padding_mask_crop' is not supported"),
+        (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback tensor inputs"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64)] * 3), "3 images for 2 prompts"),
+    ],
+)
+def test_what_dif_cannot_honour_is_a_value_error(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        _call(pipe, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_keyword_is_a_type_error(pipe):
+    with pytest.raises(TypeError, match="no_such_argument"):
+        _call(pipe, no_such_argument=1)

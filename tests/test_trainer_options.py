@@ -1,0 +1,201 @@
+"""Trainer options users of diffusers' and kohya's SDXL LoRA trainers expect, on the tiny model:
+DoRA, AdamW / 8-bit Adam / Prodigy, min-SNR-γ, noise offset; unknown keys are errors (issue 15)."""
+
+import pytest
+import torch
+
+from dreammix.errors import DreamMixError
+from dreammix.models.lora import LoraSpec
+from dreammix.module import LossSpec, NoiseSpec, OptimSpec
+
+
+def _module(tiny_model_dir, lora=LoraSpec(), noise=None, optim=OptimSpec()):
+    from diffusers import DDPMScheduler
+
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.module import DreamMixLoRAModule
+
+    pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+    module = DreamMixLoRAModule(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), lora,
+                                LossSpec(beta=0), optim, noise=noise)
+    return module, pipe
+
+
+def _batch(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1
+    return {"source": {"latents": torch.randn(n, 4, 8, 8, generator=g), "masked_latents": torch.randn(n, 4, 8, 8, generator=g),
+                       "mask": mask, "prompt_embeds": torch.randn(n, 77, 64, generator=g), "pooled_embeds": torch.randn(n, 32, generator=g),
+                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n), "position": torch.arange(0, n)}}
+
+
+def _train(module, steps=3):
+    optimizer = module.optim_spec.build(module.lora_params, "cpu")
+    for step in range(steps):
+        optimizer.zero_grad()
+        batch = _batch(seed=step)
+        module.compute_losses(batch)["loss"].backward()
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in module.unet.named_parameters() if "lora_" in n}
+
+
+def test_dora_trains_a_magnitude_vector_changes_the_weights_and_reloads(tiny_model_dir, tmp_path):
+    from dreammix.export import LoraExport, write_lora_folder
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.models.lora import lora_state_dict
+
+    opt = OptimSpec(lr=1e-2)
+    plain = _train(_module(tiny_model_dir, LoraSpec(rank=2, alpha=8), optim=opt)[0])
+    module, _ = _module(tiny_model_dir, LoraSpec(rank=2, alpha=8, use_dora=True), optim=opt)
+    magnitude = [n for n, p in module.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert magnitude and any(p is q for p in module.lora_params for n, q in module.named_parameters() if n == magnitude[0])
+    before = {n: p.detach().clone() for n, p in module.unet.named_parameters() if "lora_magnitude_vector" in n}
+    dora = _train(module)
+    assert any((dora[n] - before[n]).abs().max() > 0 for n in before)  # the magnitude trains
+    shared = [n for n in plain if n in dora]
+    assert shared and max((plain[n] - dora[n]).abs().max().item() for n in shared) > 1e-4  # DoRA ≠ LoRA
+
+    folder = write_lora_folder(LoraExport(lora_state_dict(module.unet), module.lora_spec, {"subject": "thing"}), tmp_path / "lora")
+    assert not list(folder.glob("thing_*.safetensors"))  # no webui file for DoRA (see export.write_lora_folder)
+    module.unet.eval()
+    probe = _batch(1, seed=9)["source"]
+    from dreammix.module import inpaint_unet_forward
+
+    args = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([400]), probe["mask"],
+            probe["masked_latents"], probe["prompt_embeds"], probe["pooled_embeds"], probe["time_ids"])
+    with torch.no_grad():
+        trained = inpaint_unet_forward(module.unet, *args)
+        pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+        pipe.load_lora_weights(str(folder))
+        assert any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters())
+        torch.testing.assert_close(inpaint_unet_forward(pipe.unet, *args), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_optimizers_are_built_from_the_config(tiny_model_dir):
+    from prodigyopt import Prodigy
+
+    module, _ = _module(tiny_model_dir, optim=OptimSpec(name="adamw", weight_decay=0.5, lr=1e-3))
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["weight_decay"] == 0.5
+    # decoupled decay: with zero gradients AdamW still shrinks weights by lr·wd, Adam does not move them
+    for spec, expected in ((OptimSpec(name="adamw", weight_decay=0.5, lr=1e-3), 1 - 1e-3 * 0.5), (OptimSpec(name="adam", weight_decay=0.0), 1.0)):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = spec.build([p], "cpu")
+        p.grad = torch.zeros(3)
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full((3,), expected))
+    module.optim_spec = OptimSpec(name="prodigy", lr=1.0)
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is Prodigy
+    before = [p.detach().clone() for p in module.lora_params]
+    module.compute_losses(_batch())["loss"].backward()
+    optimizer.step()
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(module.lora_params, before))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim=adam8bit", "8-bit Adam needs the bitsandbytes package"),
+        ("optim.name=sgd", "optimizer must be one of"),
+        ("+optim.momentum=0.9", "unknown option 'momentum'"),
+        ("+lora.use_dorra=true", "unknown option 'use_dorra'"),
+        ("+noise.pyramid=0.1", "unknown option 'pyramid'"),
+        ("noise.snr_gamma=-1", "snr_gamma must be >= 0"),
+    ],
+)
+def test_bad_trainer_options_are_one_line_errors_before_loading(compose, tmp_path, override, message):
+    from test_data import make_subject
+    from test_train import _overrides
+
+    from dreammix.train import train_specs
+
+    subject = make_subject(tmp_path / "s", n=1)
+    with pytest.raises(DreamMixError, match=message) as err:
+        train_specs(compose("train", _overrides(tmp_path, subject, "run", 1, override)))
+    assert "\n" not in str(err.value)
+
+
+def test_config_values_reach_the_specs(compose, tmp_path):
+    from test_data import make_subject
+    from test_train import _overrides
+
+    from dreammix.train import train_specs
+
+    subject = make_subject(tmp_path / "s", n=1)
+    specs = train_specs(compose("train", _overrides(tmp_path, subject, "run", 1, "optim=prodigy", "lora.use_dora=true",
+                                                    "noise.offset=0.05", "noise.snr_gamma=5")))
+    assert (specs.optim.name, specs.optim.lr, specs.lora.use_dora) == ("prodigy", 1.0, True)
+    assert specs.noise == NoiseSpec(offset=0.05, snr_gamma=5.0)
+
+
+def _capture(module, batch):
+    """(loss_source, per-sample plain Eq. 7 losses, timesteps) of one step."""
+    seen = {}
+    noise_and_target = module._noise_and_target
+
+    def spy(latents, generator):
+        noisy, t, target = noise_and_target(latents, generator)
+        seen.update(t=t, target=target)
+        return noisy, t, target
+
+    module._noise_and_target = spy
+    handle = module.unet.register_forward_hook(lambda m, a, out: seen.update(pred=out[0] if isinstance(out, tuple) else out.sample))
+    try:
+        with torch.no_grad():
+            losses = module.compute_losses(batch)
+    finally:
+        handle.remove()
+        module._noise_and_target = noise_and_target
+    mask = batch["source"]["mask"]
+    weight = 1.5 * mask + 0.7 * (1 - mask)  # LossSpec's tau_in / tau_out
+    per_sample = (weight * (seen["pred"] - seen["target"]) ** 2).mean(dim=(1, 2, 3))
+    return losses["loss_source"], per_sample, seen["t"]
+
+
+def test_min_snr_gamma_weights_each_sample_by_min_snr_over_snr(tiny_model_dir):
+    """Hang et al. 2023, ε-prediction: w(t) = min(SNR(t), γ) / SNR(t), SNR = ᾱ/(1 − ᾱ) from the
+    DDPM betas (scaled_linear: √β linear from √β_start to √β_end)."""
+    plain, _ = _module(tiny_model_dir)
+    loss, per_sample, t = _capture(plain, _batch(4))
+    torch.testing.assert_close(loss, per_sample.mean())
+    cfg = plain.noise_scheduler.config
+    assert cfg.beta_schedule == "scaled_linear" and cfg.prediction_type == "epsilon"
+    betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+    alphas_bar = torch.cumprod(1 - betas, 0)[t]
+    snr = alphas_bar / (1 - alphas_bar)
+    gamma = float(snr.median())  # some samples clipped (weight < 1), some not (weight 1)
+    expected_w = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+    assert expected_w.min() < 0.99 and expected_w.max() == 1
+
+    weighted, _ = _module(tiny_model_dir, noise=NoiseSpec(snr_gamma=gamma))
+    loss_w, per_sample_w, t_w = _capture(weighted, _batch(4))
+    assert torch.equal(t_w, t)
+    torch.testing.assert_close(per_sample_w, per_sample)  # same draw, same prediction
+    torch.testing.assert_close(loss_w, (expected_w.float() * per_sample).mean(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(loss_w, loss)
+
+
+def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_model_dir):
+    plain, _ = _module(tiny_model_dir)
+    offset, _ = _module(tiny_model_dir, noise=NoiseSpec(offset=0.1))
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, t0, eps0 = plain._noise_and_target(latents, torch.Generator().manual_seed(7))
+    _, t1, eps1 = offset._noise_and_target(latents, torch.Generator().manual_seed(7))
+    assert torch.equal(t0, t1)
+    shift = eps1 - eps0  # ε-prediction: the target is the noise
+    per_channel = shift[:, :, :1, :1]
+    torch.testing.assert_close(shift, per_channel.expand_as(shift))  # constant over the image
+    assert per_channel.abs().min() > 0 and 0.02 < per_channel.std() < 0.5  # 0.1 · N(0, 1), 12 draws
+
+
+def test_a_dora_checkpoint_does_not_resume_into_a_plain_lora(tiny_model_dir):
+    dora, _ = _module(tiny_model_dir, LoraSpec(use_dora=True))
+    checkpoint = {"state_dict": dora.state_dict()}
+    dora.on_save_checkpoint(checkpoint)
+    assert checkpoint["dreammix_lora"]["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in checkpoint["state_dict"])
+    plain, _ = _module(tiny_model_dir)
+    with pytest.raises(DreamMixError, match="does not match the configured LoRA"):
+        plain.on_load_checkpoint(checkpoint)
