@@ -397,6 +397,28 @@ def test_fill_hole_takes_the_surrounding_colours_and_keeps_known_pixels():
     assert hole[:, 0].mean() < -0.2 and hole[:, -1].mean() > 0.2  # each side takes its neighbour's colour
 
 
+def test_fill_hole_at_1024_is_fooocus_fill_with_pil_box_blurs():
+    """At 1024² the radii are Fooocus's own; its ``fooocus_fill`` is PIL ``BoxBlur`` on uint8 with the
+    known pixels put back after each blur. Ours runs in float: equal up to PIL's per-blur rounding."""
+    from PIL import ImageFilter
+
+    from dreammix.sampling import fill_hole
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    image = ((np.sin(xx / 37.0) * np.cos(yy / 53.0) * 0.5 + 0.5) * 255).round().astype(np.uint8)
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[300:700, 0:560] = 255  # touching the left border: the blur's edge handling counts
+    known, expected = mask < 127, image.copy()
+    for radius, repeats in [(512, 2), (256, 2), (128, 4), (64, 4), (33, 8), (15, 8), (5, 16), (3, 16)]:  # Fooocus's
+        for _ in range(repeats):
+            expected = np.array(Image.fromarray(expected).filter(ImageFilter.BoxBlur(radius)))
+            expected[known] = image[known]
+    pixels = torch.from_numpy(image / 127.5 - 1.0)[None, None].float()
+    got = (fill_hole(pixels, torch.from_numpy(mask / 255.0)[None, None].float())[0, 0].double().numpy() + 1.0) * 127.5
+    assert np.abs(got - expected).max() < 3.0  # uint8 rounding; another radius or border mode: > 10
+    assert np.abs(got - image).max() > 50  # the hole really changed
+
+
 @pytest.mark.parametrize("kind", ["euler", "dpmpp_2m_sde_karras"])
 def test_fill_noise_start_is_fooocus_full_denoise_start(kind):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
