@@ -574,7 +574,7 @@ def _log_to_wandb(cfg, out_dir: Path, attributes: Mapping[str, Any], entries: Se
         return
     import wandb
 
-    run = wandb.init(**wandb_init_kwargs(cfg, f"adm-{cfg.subject.name}", cfg.run_dir, "adm"))
+    run = wandb.init(**wandb_init_kwargs(cfg, f"adm-{cfg.subject.name}-{Path(str(cfg.run_dir)).name}", cfg.run_dir, "adm"))
     try:
         table = wandb.Table(columns=["image", "mask", "prompt", "seed"])
         for entry in list(entries)[: int(cfg.adm.get("log_samples", 16))]:

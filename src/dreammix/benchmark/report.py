@@ -49,8 +49,7 @@ def _read_json(path: Path) -> Any:
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """``settings``, ``summary`` and the deduplicated ``records`` of one evaluation run."""
-    from dreammix.benchmark.records import RecordLog
-    from dreammix.evaluate import RECORDS_NAME, SETTINGS_NAME, SUMMARY_JSON
+    from dreammix.benchmark.records import RECORDS_NAME, SETTINGS_NAME, SUMMARY_JSON, RecordLog
 
     run_dir = Path(run_dir)
     return {
@@ -62,9 +61,9 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def merge_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any]:
-    """Pool the records of several runs: ``tasks`` (as :func:`~dreammix.evaluate.summarize`),
+    """Pool the records of several runs: ``tasks`` (as :func:`~dreammix.benchmark.records.summarize`),
     ``records`` and ``image_paths`` (absolute path of each case's image, by case id)."""
-    from dreammix.evaluate import summarize
+    from dreammix.benchmark.records import summarize
 
     records: dict[str, dict[str, Any]] = {}
     images: dict[str, Path] = {}
@@ -222,7 +221,7 @@ def collect_results(sweep_dir: str | Path) -> Path | None:
     """Write ``<sweep_dir>/results.md`` and ``results.json``: one line per evaluation run found
     below ``sweep_dir`` (any depth), sorted by folder. Returns the markdown path, None if no run."""
     from dreammix.atomic import atomic_write_bytes
-    from dreammix.evaluate import SUMMARY_JSON
+    from dreammix.benchmark.records import SUMMARY_JSON
 
     sweep_dir = Path(sweep_dir)
     runs = sorted({p.parent for p in sweep_dir.rglob(SUMMARY_JSON)})

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreammix.atomic import atomic_write_bytes
 from dreammix.benchmark.manifest import MANIFEST_NAME, read_manifest
+from dreammix.benchmark.wandb_log import log_benchmark
 from dreammix.errors import DreamMixError
 
 log = logging.getLogger(__name__)
@@ -344,6 +345,7 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
         "paper": paper,
     }
     atomic_write_bytes(result.results, (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8"))
+    log_benchmark(cfg, out, payload, result.eval_dirs)  # W&B summary run: tables, job runs, contact sheets
     log.info("benchmark %s: %s, %s", bench.name, result.table1, result.table3)
     print(f"wrote {result.table1} and {result.table3}")
     return result
