@@ -50,11 +50,19 @@ benchmark-data: install
 # The whole reproduction (paper Tables 1 and 3) on the paper's base (model=fooocus): benchmark -> LoRAs
 # (+ADM) -> generation -> scores -> outputs/benchmark/<preset>/table1.md, table3.md. PRESET=paper (the
 # paper's text) | reference (the public code; conf/preset/). BENCH=tiny: the same chain offline on CPU
-# in about a minute (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/<preset>/.
+# in a minute or two (tiny models, 2 subjects from ../shared/data/coco_mini) -> outputs/benchmark/tiny/<preset>/.
+# EXECUTOR=local|ray|slurm runs the jobs (manifest, ADM, trainings, evaluations) in this process, on
+# Ray (WORKERS=N jobs at once on a local instance; RAY_ADDRESS=auto joins a cluster) or on SLURM;
+# ARGS='...' adds overrides (e.g. ARGS='bench.dry_run=true' lists every job and its command).
 BENCH ?= full
 PRESET ?= paper
+EXECUTOR ?= local
+WORKERS ?=
+RAY_ADDRESS ?=
+ARGS ?=
 benchmark: install
-	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH) preset=$(PRESET)
+	$(if $(filter tiny,$(BENCH)),HF_HUB_OFFLINE=1 )WANDB_MODE=$${WANDB_MODE:-offline} $(PY) src/benchmark.py bench=$(BENCH) preset=$(PRESET) \
+		bench.executor=$(EXECUTOR)$(if $(WORKERS), bench.ray.num_workers=$(WORKERS))$(if $(RAY_ADDRESS), bench.ray.address=$(RAY_ADDRESS)) $(ARGS)
 
 # Performance report (ours vs same-run baselines) into outputs/perf/: tiny model on CPU ...
 perf: install

@@ -6,4 +6,4 @@ from pathlib import Path
 from dreammix.cli import hydra_entry
 
 if __name__ == "__main__":
-    hydra_entry("dreammix.benchmark.run:run_benchmark", config_name="benchmark_run", config_dir=Path(__file__).resolve().parents[1] / "conf")
+    hydra_entry("dreammix.benchmark.run:main", config_name="benchmark_run", config_dir=Path(__file__).resolve().parents[1] / "conf")

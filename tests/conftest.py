@@ -15,6 +15,8 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
+# First-use DreamBooth downloads (dreammix.data.download) go to a closed loopback port: refused at once.
+os.environ["DREAMMIX_DREAMBOOTH_URL"] = "http://127.0.0.1:9/dreambooth.zip"
 
 
 @pytest.fixture(scope="session", autouse=True)

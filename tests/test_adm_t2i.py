@@ -28,7 +28,8 @@ from test_segment import expected_mask
 REPO = Path(__file__).resolve().parents[1]
 NEGATIVE = "blurry, low quality"
 ROUTE = ["model=tiny", "segmenter=tiny", "logger=none", "vlm=offline", "adm.route=t2i_segment", "adm.resolution=64",
-         "adm.num_inference_steps=2", "adm.guidance_scale=1.0", f"adm.negative_prompt='{NEGATIVE}'"]  # fmt: skip
+         "adm.num_inference_steps=2", "adm.guidance_scale=2.0", f"adm.negative_prompt='{NEGATIVE}'"]  # fmt: skip
+# guidance > 1: classifier-free guidance on, so the negative prompt shapes the images (at 1.0 diffusers ignores it)
 
 
 def route_cfg(compose, tmp_path, *overrides):
@@ -47,7 +48,7 @@ def reference(_session_cache):
 
     def image(prompt: str, seed: int) -> np.ndarray:
         out = pipe(prompt=prompt, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=2,
-                   guidance_scale=1.0, generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+                   guidance_scale=2.0, generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
         return np.asarray(out.convert("RGB"), dtype=np.int16)
 
     return image
@@ -169,6 +170,65 @@ def test_images_without_an_object_or_all_object_are_redone_with_the_next_seed(co
     monkeypatch.setattr(adm_module, "_generate", lambda *a, **k: None)
     run_adm(route_cfg(compose, tmp_path, *common, "adm.overwrite=true"))
     assert not (out / "dropped.jsonl").exists() and not (out / "manifest.jsonl").exists()
+
+
+class _SeedPipe:
+    """Stands in for the text-to-image pipeline: records each call's seeds (one image per seed)."""
+
+    def __init__(self):
+        self.seeds: list[list[int]] = []
+
+    def __call__(self, *, prompt, generator, height, width, **kwargs):
+        self.seeds.append([g.initial_seed() for g in generator])
+        assert len(prompt) == len(generator)
+        return type("Out", (), {"images": [Image.new("RGB", (width, height), (i, 0, 0)) for i in range(len(prompt))]})
+
+
+class _AreaSegmenter:
+    """A mask of exactly ``pixels[seed]`` object pixels for the image of each seed of the last call."""
+
+    def __init__(self, pipe: _SeedPipe, pixels: dict[int, int]):
+        self.pipe, self.pixels = pipe, pixels
+
+    def masks(self, images, queries):
+        assert queries == ["can"] * len(images)
+        out = []
+        for seed, image in zip(self.pipe.seeds[-1], images):
+            mask = np.zeros(image.size[::-1], bool)
+            mask.flat[: self.pixels[seed]] = True
+            out.append(mask)
+        return out
+
+
+def test_drop_rules_are_strict_at_the_area_limits_and_used_up_items_stay_failed(tmp_path):
+    """10×10 images: 1 pixel = area 0.01 = min_area (kept), 90 = max_area (kept), 91 and 0 dropped;
+    a resumed run with the same attempts redoes nothing, another seed in the drop log is refused."""
+    from dreammix.adm import RegularItem
+    from dreammix.adm_t2i import T2ISegmentSpec, _plan_attempts, generate_t2i_segment_set
+
+    s = SEED_STRIDE
+    spec = T2ISegmentSpec(query="can", min_area=0.01, max_area=0.9, max_attempts=2)
+    items = [RegularItem(i, f"a photo of a can {i}", 100 + i) for i in range(4)]
+    pipe = _SeedPipe()
+    segmenter = _AreaSegmenter(pipe, {100: 1, 101: 90, 102: 91, 102 + s: 0, 103: 0, 103 + s: 50})
+    counts = generate_t2i_segment_set(pipe, segmenter, items, tmp_path, spec, resolution=10, batch_size=4, progress=False)
+    assert pipe.seeds == [[100, 101, 102, 103], [102 + s, 103 + s]]
+    assert counts == {"kept": 3, "dropped": 3, "failed": [2], "items": 3}
+    got = [(e["seed"], e["image_seed"], e["dropped"], e["mask_area"]) for e in read_manifest(tmp_path)]
+    assert got == [(100, 100, 0, 0.01), (101, 101, 0, 0.9), (103, 103 + s, 1, 0.5)]
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["index"], d["seed"], d["reason"]) for d in dropped] == [
+        (2, 102, "mask covers almost everything"), (3, 103, "no object"), (2, 102 + s, "no object")]
+
+    again = generate_t2i_segment_set(pipe, segmenter, items, tmp_path, spec, resolution=10, progress=False)
+    assert len(pipe.seeds) == 2 and again == {"kept": 0, "dropped": 0, "failed": [2], "items": 3}
+    # an empty mask is never an object, even with min_area = 0
+    assert T2ISegmentSpec(query="can", min_area=0.0).verdict(np.zeros((4, 4), bool)) == "no object"
+    assert T2ISegmentSpec(query="can", min_area=0.0).verdict(np.eye(4, dtype=bool)) is None
+    # the drop log belongs to these seeds: items with other seeds are refused, not silently mixed
+    moved = [RegularItem(i, item.prompt, 200 + i) for i, item in enumerate(items)]
+    with pytest.raises(DreamMixError, match="records other seeds or prompts for item 2"):
+        _plan_attempts(moved, tmp_path, spec)
 
 
 @pytest.mark.parametrize(

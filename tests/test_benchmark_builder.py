@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import json
 import os
 import subprocess
@@ -438,10 +437,8 @@ def test_record_log_resumes_dedupes_and_survives_a_torn_write(tmp_path):
 
 
 def _load_downloader():
-    spec = importlib.util.spec_from_file_location("download_data", REPO / "scripts" / "download_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["download_data"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
+    import dreammix.data.download as module  # what scripts/download_data.py runs
+
     return module
 
 

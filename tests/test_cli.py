@@ -24,7 +24,7 @@ def run_train(args, cwd, env_extra=None, wait=True):
     "args,message",
     [
         (["subject=nope"], "Could not find 'subject/nope'"),
-        (["subject=can", "paths.dreambooth_dir=/nonexistent"], "image folder of subject 'can' not found"),
+        (["subject=can", "paths.dreambooth_dir=/nonexistent"], "its download failed"),
         (["subject=custom"], "Missing mandatory value: subject.class_noun"),
         (["model=tiny", "trainer.max_steps=abc"], "expected int, got 'abc' (trainer.max_steps)"),
         (["model=tiny", "lora.rank=0"], "rank must be >= 1, got 0 (lora.rank)"),
@@ -59,7 +59,7 @@ def test_multirun_gives_each_job_its_own_dir_and_wandb_run(tmp_path, shared_data
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "outputs" / "train" / "multirun").glob("*/*_*"))
-    assert [j.name for j in jobs] == ["0_can", "1_teapot"]
+    assert [j.name for j in jobs] == ["0_subject=can", "1_subject=teapot"]  # named by the swept values
     run_ids = set()
     for job in jobs:
         assert (job / "lora" / "pytorch_lora_weights.safetensors").is_file()

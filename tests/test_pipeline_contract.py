@@ -47,15 +47,16 @@ def test_load_subject_lora_scale_multiplies_the_saved_low_rank_update(tiny_model
     A, B = tensors[down_key].float(), tensors[up_key].float()
     assert B.abs().max() > 0
 
-    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
-    p.load_subject_lora(lora_dir, scale=0.5)
-    layer = p.unet.get_submodule(module_path)
     x = torch.randn(3, A.shape[1], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = layer(x)
-        base = layer.base_layer(x)
-    expected = base + 0.5 * (LORA_ALPHA / LORA_RANK) * x @ A.T @ B.T
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for scale in (None, 0.5):  # None: the default, the LoRA as trained (scale 1)
+        p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+        p.load_subject_lora(lora_dir) if scale is None else p.load_subject_lora(lora_dir, scale=scale)
+        layer = p.unet.get_submodule(module_path)
+        with torch.no_grad():
+            out = layer(x)
+            base = layer.base_layer(x)
+        expected = base + (1.0 if scale is None else scale) * (LORA_ALPHA / LORA_RANK) * x @ A.T @ B.T
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_identifier_can_never_be_eliminated(pipe):

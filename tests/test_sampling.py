@@ -148,6 +148,33 @@ def test_sharpness_acts_on_the_positive_half_every_step(tiny_pipe, monkeypatch):
     assert not torch.allclose(plain, sharp)
 
 
+def test_sharpness_gets_the_text_half_and_its_x0_from_the_unet_call(tiny_pipe, monkeypatch):
+    """Inside the loop: the blend gets the UNet's *text* half of the CFG batch and the x₀ of that
+    half in the VE form, x₀ = x − σ·ε with x = model input · sqrt(1 + σ²) (Euler's input scaling)."""
+    import dreammix.sampling as sampling
+
+    seen, outs = [], []
+    real = sampling.sharpen_noise_pred
+    monkeypatch.setattr(sampling, "sharpen_noise_pred", lambda eps, x0, t, s, n: seen.append((eps, x0)) or real(eps, x0, t, s, n))
+    spy = UnetSpy(tiny_pipe.unet)
+    hook = tiny_pipe.unet.register_forward_hook(lambda m, a, out: outs.append(out[0].detach().clone()))
+    image, mask = _image_and_mask()
+    try:
+        tiny_pipe(image=image, mask_image=mask, prompt="a sks can", num_inference_steps=3, lambda_=0.0, guidance_scale=3.0,
+                  output_type="latent", generator=torch.Generator().manual_seed(0), sampler=SamplerSpec(sharpness=300.0))  # fmt: skip
+    finally:
+        spy.remove()
+        hook.remove()
+    assert len(seen) == len(outs) == 3
+    sigmas = tiny_pipe.scheduler.sigmas  # Euler: the VE σ of each step
+    for i, ((eps, x0), out, call) in enumerate(zip(seen, outs, spy.calls)):
+        uncond, text = out.chunk(2)  # CFG batch = [negative, positive]
+        assert torch.equal(eps, text) and not torch.allclose(text, uncond)
+        sigma = float(sigmas[i])
+        x = call["sample"][1:, :4] * math.sqrt(1 + sigma**2)
+        torch.testing.assert_close(x0, x - sigma * text, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Size conditioning scaler (Fooocus's ADM scaler)
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +196,18 @@ def test_size_scale_multiplies_the_original_size_on_the_first_steps(tiny_pipe):
     assert len(spy.calls) == 10
     for i, call in enumerate(spy.calls):
         assert torch.allclose(call["time_ids"].float(), scaled if i <= 3 else plain), i
+
+    # across the LCG → GCH switch (λ = 0.2: LCG steps 0–1, GCH 2–9) the rule counts the schedule's
+    # steps, not each stage's: original size / target size = (0.8, 1.5) on steps 0–3, then 1
+    spy = UnetSpy(tiny_pipe.unet)
+    try:
+        tiny_pipe(image=image, mask_image=mask, prompt="a sks can", num_inference_steps=10, lambda_=0.2,
+                  guidance_scale=2.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+                  sampler=SamplerSpec(size_positive=1.5, size_negative=0.8, size_end=0.3))  # fmt: skip
+    finally:
+        spy.remove()
+    ratios = torch.stack([c["time_ids"][:, 0] / c["time_ids"][:, 4] for c in spy.calls]).float()
+    assert torch.allclose(ratios, torch.tensor([[0.8, 1.5]] * 4 + [[1.0, 1.0]] * 6), atol=1e-6)
 
 
 def test_step_rules_follow_the_public_code():
@@ -358,6 +397,28 @@ def test_fill_hole_takes_the_surrounding_colours_and_keeps_known_pixels():
     assert hole[:, 0].mean() < -0.2 and hole[:, -1].mean() > 0.2  # each side takes its neighbour's colour
 
 
+def test_fill_hole_at_1024_is_fooocus_fill_with_pil_box_blurs():
+    """At 1024² the radii are Fooocus's own; its ``fooocus_fill`` is PIL ``BoxBlur`` on uint8 with the
+    known pixels put back after each blur. Ours runs in float: equal up to PIL's per-blur rounding."""
+    from PIL import ImageFilter
+
+    from dreammix.sampling import fill_hole
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    image = ((np.sin(xx / 37.0) * np.cos(yy / 53.0) * 0.5 + 0.5) * 255).round().astype(np.uint8)
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[300:700, 0:560] = 255  # touching the left border: the blur's edge handling counts
+    known, expected = mask < 127, image.copy()
+    for radius, repeats in [(512, 2), (256, 2), (128, 4), (64, 4), (33, 8), (15, 8), (5, 16), (3, 16)]:  # Fooocus's
+        for _ in range(repeats):
+            expected = np.array(Image.fromarray(expected).filter(ImageFilter.BoxBlur(radius)))
+            expected[known] = image[known]
+    pixels = torch.from_numpy(image / 127.5 - 1.0)[None, None].float()
+    got = (fill_hole(pixels, torch.from_numpy(mask / 255.0)[None, None].float())[0, 0].double().numpy() + 1.0) * 127.5
+    assert np.abs(got - expected).max() < 3.0  # uint8 rounding; another radius or border mode: > 10
+    assert np.abs(got - image).max() > 50  # the hole really changed
+
+
 @pytest.mark.parametrize("kind", ["euler", "dpmpp_2m_sde_karras"])
 def test_fill_noise_start_is_fooocus_full_denoise_start(kind):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -384,6 +445,22 @@ def test_fill_noise_start_is_fooocus_full_denoise_start(kind):
     assert torch.allclose(got, expected, atol=2e-4)
 
 
+def test_ve_sigma_of_a_scheduler_without_sigmas_is_eulers_sigma_at_that_timestep():
+    """DDIM keeps no σs: its VE σ must be the one Euler (which does) holds for the same timestep."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from dreammix.sampling import ve_sigma
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    ddim, euler = DDIMScheduler(**common), EulerDiscreteScheduler(**common)
+    ddim.set_timesteps(10)
+    euler.set_timesteps(10)
+    assert getattr(ddim, "sigmas", None) is None and torch.equal(ddim.timesteps, euler.timesteps)
+    got = [ve_sigma(ddim, i, t) for i, t in enumerate(ddim.timesteps)]
+    assert got == pytest.approx(euler.sigmas[:-1].tolist(), rel=1e-5)
+
+
 def test_fill_noise_start_reaches_the_first_unet_call(tiny_pipe):
     from dreammix.sampling import fill_hole
 
@@ -404,6 +481,17 @@ def test_fill_noise_start_reaches_the_first_unet_call(tiny_pipe):
     z = tiny_pipe.vae.encode(filled).latent_dist.mean * tiny_pipe.vae.config.scaling_factor
     sigma0 = float(tiny_pipe.scheduler.sigmas[0])
     assert torch.allclose(firsts[1] - firsts[0], z / math.sqrt(1 + sigma0**2), atol=1e-5)
+
+    # only the schedule's first step starts from the fill: GCH after LCG starts from x^G noised to step k
+    import dreammix.sampling as sampling
+
+    starts = []
+    real = sampling.fill_noise_latents
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "fill_noise_latents", lambda *a: starts.append(a[3]) or real(*a))
+        tiny_pipe(image=image, mask_image=mask, prompt="a sks can", num_inference_steps=2, lambda_=0.5, guidance_scale=1.0,
+                  output_type="latent", generator=torch.Generator().manual_seed(0), sampler=SamplerSpec(start="fill_noise"))  # fmt: skip
+    assert len(starts) == 1
 
 
 # ------------------------------------------------------------------------------------------------

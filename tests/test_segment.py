@@ -167,6 +167,18 @@ def test_read_only_photo_folder_caches_in_the_cache_dir(tiny_clipseg, tmp_path, 
         np.testing.assert_array_equal(np.asarray(Image.open(folder / f"{example.path.stem}.png")) == 255, example.mask > 0)
 
 
+def test_read_only_folders_of_one_subject_name_get_their_own_cache_folders(tmp_path, monkeypatch):
+    """Two read-only photo folders of subjects both called "mug" must not share cached masks (photo
+    stems like 00.png repeat); the same folder always maps to the same cache folder."""
+    first, second = tmp_path / "a" / "photos", tmp_path / "b" / "photos"
+    probe = segmented_masks._can_write
+    monkeypatch.setattr(segmented_masks, "_can_write", lambda folder: "photos" not in folder.parts and probe(folder))
+    cache = tmp_path / "cache"
+    one, two = (segmented_masks.mask_cache_dir(d, "mug", cache) for d in (first, second))
+    assert one != two and one.parent == two.parent == cache / BESIDE_NAME
+    assert segmented_masks.mask_cache_dir(tmp_path / "a" / "x" / ".." / "photos", "mug", cache) == one
+
+
 def test_an_empty_segmentation_warns_naming_the_photo_and_uses_the_whole_image(tmp_path):
     subject = photo_subject(tmp_path, n=2)
 

@@ -88,8 +88,8 @@ def test_resume_from_checkpoint_is_exact(compose, tmp_path, subject, accumulate,
     else:  # same weights and optimizer, batches and noise from the start of the stream again
 
         class FromStreamStart(datamodule.StepIndexedSampler):
-            def __init__(self, num_items, batch_size, seed, start_batch=0):
-                super().__init__(num_items, batch_size, seed, start_batch=0)
+            def __init__(self, num_items, batch_size, seed, start_batch=0, **kwargs):
+                super().__init__(num_items, batch_size, seed, start_batch=0, **kwargs)
 
         monkeypatch.setattr(datamodule, "StepIndexedSampler", FromStreamStart)
     other = train(compose("train", _overrides(tmp_path, subject, "counterfactual", 6, *common, f"ckpt_path={ckpt}")))

@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,10 +52,11 @@ from dreammix.attributes import (
     offline_attributes,
     select_attributes_to_eliminate,
 )
+from dreammix.adm_manifest import MANIFEST_KEYS, MANIFEST_NAME, append_manifest, read_manifest, resolve_device
 from dreammix.atomic import atomic_save_image, atomic_write_text
 from dreammix.errors import DreamMixError
 from dreammix.locks import folder_lock
-from dreammix.paths import check_own_folder, ensure_writable_dir, inside, is_empty_dir
+from dreammix.paths import check_own_folder, ensure_writable_dir, is_empty_dir
 from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 from dreammix.vlm import make_vlm_client
 
@@ -75,10 +75,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.jsonl"
 ATTRIBUTES_NAME = "attributes.json"
 PROMPTS_NAME = "prompts.json"
-MANIFEST_KEYS = ("image", "mask", "prompt", "seed")
 
 #: Plain, low-saturation wall/floor colors for the default backgrounds.
 _NEUTRALS = np.array(
@@ -174,60 +172,6 @@ def make_background(seed: int, size: tuple[int, int], files: Sequence[Path] = ()
 # Files
 
 
-def append_manifest(out_dir: str | Path, entry: Mapping[str, Any]) -> None:
-    """Append one line to the manifest and fsync it (the item's files must already exist)."""
-    with open(Path(out_dir) / MANIFEST_NAME, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({k: entry[k] for k in MANIFEST_KEYS}, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_manifest(out_dir: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The manifest's entries, checked (keys, relative paths).
-
-    A last line without its newline is what a run killed mid-write leaves: it is ignored, and with
-    ``repair=True`` the file is rewritten without it (and without entries whose files are gone),
-    so the next append starts on a clean line. Any other bad line is an error naming the line.
-    """
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]  # tail is "" when the file ends with a newline
-    entries: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    duplicates = 0
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DreamMixError(f"manifest line {number} is not JSON ({exc.msg})", str(path)) from exc
-        if not isinstance(entry, dict) or any(k not in entry for k in MANIFEST_KEYS):
-            raise DreamMixError(f"manifest line {number} needs keys {list(MANIFEST_KEYS)}", str(path))
-        for key in ("image", "mask"):
-            inside(out_dir, entry[key], f"{path}:{number}")
-        if entry["image"] in seen:  # two runs appended the same item: keep the first line
-            duplicates += 1
-            continue
-        seen.add(entry["image"])
-        entries.append(entry)
-    if duplicates:
-        log.warning("%s lists %d item(s) twice; using each once", path, duplicates)
-    if repair:
-        kept = [e for e in entries if (Path(out_dir) / e["image"]).is_file() and (Path(out_dir) / e["mask"]).is_file()]
-        if tail.strip() or len(kept) != len(entries) or duplicates:
-            if tail.strip():
-                log.warning("dropping an unfinished last line of %s (the run was stopped while writing it)", path)
-            if len(kept) != len(entries):
-                log.warning("dropping %d manifest entries whose files are missing", len(entries) - len(kept))
-            atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
-            entries = kept
-    return entries
-
-
 def clear_regular_set(out_dir: str | Path) -> None:
     """Remove what ADM wrote in ``out_dir`` and nothing else: the files its manifest lists, its
     three bookkeeping files, then ``images/`` and ``masks/`` only if that left them empty.
@@ -254,14 +198,6 @@ def check_adm_folder(out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Generation
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def generate_regular_set(
@@ -574,7 +510,7 @@ def _log_to_wandb(cfg, out_dir: Path, attributes: Mapping[str, Any], entries: Se
         return
     import wandb
 
-    run = wandb.init(**wandb_init_kwargs(cfg, f"adm-{cfg.subject.name}", cfg.run_dir, "adm"))
+    run = wandb.init(**wandb_init_kwargs(cfg, f"adm-{cfg.subject.name}-{Path(str(cfg.run_dir)).name}", cfg.run_dir, "adm"))
     try:
         table = wandb.Table(columns=["image", "mask", "prompt", "seed"])
         for entry in list(entries)[: int(cfg.adm.get("log_samples", 16))]:

@@ -242,7 +242,7 @@ def generate_t2i_segment_set(
     import torch
     from tqdm.auto import tqdm
 
-    from dreammix.adm import read_manifest
+    from dreammix.adm_manifest import read_manifest
     from dreammix.segment import mask_image
 
     out_dir = Path(out_dir)
@@ -298,7 +298,7 @@ def generate_t2i_segment_set(
 
 def _plan_attempts(items: Sequence, out_dir: Path, spec: T2ISegmentSpec) -> tuple[list[tuple[Any, int]], list[int]]:
     """``(item, next attempt)`` for every item still to make; indices whose attempts are used up."""
-    from dreammix.adm import read_manifest
+    from dreammix.adm_manifest import read_manifest
 
     done = {e["image"] for e in read_manifest(out_dir, repair=True)}
     dropped = read_dropped(out_dir)
@@ -320,7 +320,7 @@ def _plan_attempts(items: Sequence, out_dir: Path, spec: T2ISegmentSpec) -> tupl
 
 def generate_t2i_segment(cfg, items: Sequence, out_dir: Path) -> None:
     """The route from the composed config: load the base and CLIPSeg only when there is work."""
-    from dreammix.adm import resolve_device
+    from dreammix.adm_manifest import resolve_device
     from dreammix.models.loading import resolve_dtype
     from dreammix.segment import SegmenterSpec, load_segmenter
 
@@ -345,7 +345,7 @@ def generate_t2i_segment(cfg, items: Sequence, out_dir: Path) -> None:
     if failed:
         log.warning("%d prompt(s) gave no usable mask in %d attempts and are left out of the set: items %s",
                     len(failed), spec.max_attempts, failed)  # fmt: skip
-    from dreammix.adm import read_manifest
+    from dreammix.adm_manifest import read_manifest
 
     if not read_manifest(out_dir):
         raise DreamMixError(

@@ -126,7 +126,7 @@ def uploaded_mask(image: Any, size: tuple[int, int]) -> np.ndarray | None:
     """An uploaded mask image as a binary mask at ``size`` (white ≥ 50 % = fill, like mask files)."""
     if image is None:
         return None
-    from dreammix.pipeline import _as_binary_mask
+    from dreammix.pipeline_inputs import _as_binary_mask
 
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 4:  # transparent = keep
@@ -278,7 +278,7 @@ class InpaintApp:
 
 def _load_photo(photo: Any) -> PIL.Image.Image:
     from dreammix.data.images import load_image
-    from dreammix.pipeline import _as_rgb_array
+    from dreammix.pipeline_inputs import _as_rgb_array
 
     if isinstance(photo, (str, os.PathLike)):
         return load_image(photo)

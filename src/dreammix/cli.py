@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dreammix import sweeps as _sweeps  # noqa: F401 - registers ${dreammix_swept:...} of conf/hydra (also on workers)
+
 EXIT_BAD_INPUT = 2
 
 _DEBUG_FLAGS = {"debug=true", "debug=True", "+debug=true", "debug=1"}

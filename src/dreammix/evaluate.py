@@ -39,23 +39,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreammix.atomic import atomic_save_image, atomic_write_bytes
 from dreammix.benchmark.manifest import TASKS, Case, read_manifest
-from dreammix.benchmark.records import RecordLog
+from dreammix.benchmark.records import (  # noqa: F401 - the run's file names, re-exported for callers
+    IMAGES_DIR,
+    RECORDS_NAME,
+    SCORE_KEYS,
+    SETTINGS_NAME,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    RecordLog,
+    summarize,
+)
+from dreammix.benchmark.shards import SHARDS_DIR, Shard, adopt_shards
 from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
+from dreammix.eval_wandb import EvalTracker
 from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.validation import check_lora_file
-from dreammix.tracking import wandb_enabled, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = "images"
-RECORDS_NAME = "records.jsonl"
-SETTINGS_NAME = "settings.json"
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
-#: Per-case score keys (crop = table value; ``*_full`` = whole image), as MetricSuite returns them.
-SCORE_KEYS = ("clip_t", "clip_i", "dino", "clip_t_full", "clip_i_full", "dino_full")
 #: Written last by ``dreammix.train.train`` into the LoRA folder (not imported from there: that
 #: module pulls in Lightning, seconds of import time an evaluation does not need).
 RUN_INFO_NAME = "dreammix_run.json"
@@ -198,6 +201,10 @@ def reference_images(cfg: DictConfig) -> list[Path]:
     from dreammix.data.images import list_images
 
     folder = Path(str(cfg.references if cfg.get("references") else cfg.subject.image_dir))
+    if not cfg.get("references"):
+        from dreammix.data.subjects import Subject, ensure_subject_images
+
+        ensure_subject_images(Subject.from_config(cfg.subject), OmegaConf.select(cfg, "paths.dreambooth_dir"))
     if not folder.is_dir():
         raise DreamMixError("reference image folder not found", "references" if cfg.get("references") else "subject.image_dir")
     paths = list_images(folder)
@@ -279,8 +286,10 @@ def generate_cases(
     run_dir: Path,
     eliminate: Mapping[str, Sequence[str]],
     pipe_factory: Callable[[DictConfig], Any] = load_eval_pipeline,
+    on_generated: Callable[[int, int, str], None] | None = None,
 ) -> int:
-    """Inpaint every case without an image on disk; each image is written atomically when done.
+    """Inpaint every case without an image on disk; each image is written atomically when done
+    (then ``on_generated(done, pending, case_id)``).
 
     Returns how many were generated. The seed is the case's own (``torch.Generator("cpu")``), so an
     image does not depend on which other cases ran before it, in this process or an earlier one.
@@ -334,6 +343,8 @@ def generate_cases(
             atomic_save_image(result.images[0], image_path(run_dir, case))
             write_sidecar(image_path(run_dir, case), case)  # what it was made from (resume staleness)
             log.info("[%d/%d] %s", number, len(pending), case.case_id)
+            if on_generated is not None:
+                on_generated(number, len(pending), case.case_id)
     return len(pending)
 
 
@@ -373,8 +384,10 @@ def score_cases(
     eliminate: Mapping[str, Sequence[str]],
     batch_size: int,
     extra: Mapping[str, Any] | None = None,
+    on_scored: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Score the cases without a record, from their images on disk, ``batch_size`` at a time."""
+    """Score the cases without a record, from their images on disk, ``batch_size`` at a time
+    (after each batch ``on_scored(done, pending)``)."""
     from dreammix.data.images import load_image
 
     pending = records.pending(cases)
@@ -404,37 +417,9 @@ def score_cases(
                 }
             )
         log.info("scored %d of %d pending cases", min(start + len(batch), len(pending)), len(pending))
+        if on_scored is not None:
+            on_scored(min(start + len(batch), len(pending)), len(pending))
     return len(pending)
-
-
-def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SCORE_KEYS if all(k in r for r in rows)}
-
-
-def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per task (and ``all``): case count, mean scores over cases, and the same per subject.
-
-    The overall mean is over cases; the benchmark gives every subject the same number of cases
-    per task, so it equals the mean of the per-subject means there.
-    """
-    records = list(records)
-    groups: dict[str, list[Mapping[str, Any]]] = {task: [] for task in TASKS}
-    for record in records:
-        groups.setdefault(str(record["task"]), []).append(record)
-    groups["all"] = records
-    out: dict[str, Any] = {}
-    for task, rows in groups.items():
-        if not rows:
-            continue
-        subjects: dict[str, list[Mapping[str, Any]]] = {}
-        for row in rows:
-            subjects.setdefault(str(row["subject"]), []).append(row)
-        out[task] = {
-            "n": len(rows),
-            "mean": _means(rows),
-            "per_subject": {s: {"n": len(r), "mean": _means(r)} for s, r in sorted(subjects.items())},
-        }
-    return out
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -525,42 +510,6 @@ def score_real_images(suite: Any, paths: Sequence[Path], class_noun: str) -> dic
 # ------------------------------------------------------------------------------------------------
 
 
-def log_to_wandb(cfg: DictConfig, run_dir: Path, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
-    """One W&B run per job: the settings, a table of cases (thumbnail of the result and of the
-    inpainted crop, prompt, TAS words, scores) and the means as summary values."""
-    if not wandb_enabled(cfg):
-        return
-    import wandb
-
-    from dreammix.data.images import load_image
-    from dreammix.metrics.common import crop_region
-
-    run = wandb.init(**wandb_init_kwargs(cfg, f"eval-{cfg.run_name}-{run_dir.name}", run_dir, "eval"))
-    try:
-        size = int(cfg.get("thumbnail_size", 256))
-        table = wandb.Table(columns=["case_id", "subject", "task", "prompt", "eliminate", "result", "crop", *SCORE_KEYS])
-        for record in list(records)[: int(cfg.get("wandb_rows", 200))]:
-            path = run_dir / record["image"]
-            image = load_image(path)
-            crop = crop_region(image, record["box"], float(cfg.metrics.get("crop_scale", 1.0)))
-            image.thumbnail((size, size))
-            crop.thumbnail((size, size))
-            table.add_data(
-                record["case_id"], record["subject"], record["task"], record["prompt"], ", ".join(record.get("eliminate", [])),
-                wandb.Image(image), wandb.Image(crop), *[record[k] for k in SCORE_KEYS],
-            )  # fmt: skip
-        run.log({"eval/cases": table})
-        for task, entry in summary.get("tasks", {}).items():
-            for key, value in entry["mean"].items():
-                run.summary[f"{task}/{key}"] = value
-            run.summary[f"{task}/n"] = entry["n"]
-        for task, value in (summary.get("fid") or {}).items():
-            if value is not None:
-                run.summary[f"{task}/fid"] = value
-    finally:
-        run.finish()  # one W&B run per Hydra job, also in multirun
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry
 # ------------------------------------------------------------------------------------------------
@@ -587,17 +536,20 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
         raise DreamMixError(f"must be >= 1, got {steps}", "steps")
     if not 0.0 <= lambda_ <= 1.0:
         raise DreamMixError(f"must be in [0, 1], got {lambda_}", "dif.lambda_")
+    shard = Shard.parse(cfg.get("shard"))
     from dreammix.inpaint import sampler_spec
 
     sampler_spec(cfg)  # sampler knobs and the base that must honour them
     cases = select_cases(read_manifest(str(cfg.manifest)), subject, tasks, limit)
     if not cases:
         raise DreamMixError(f"the manifest has no case of subject '{subject}' for tasks {tasks}", str(cfg.manifest))
+    if shard is not None:  # a disjoint slice in its own folder; the unsharded run merges (shards.py)
+        cases, run_dir = shard.select(cases), shard.run_dir(run_dir)
     lora = lora_info(cfg.get("lora_dir"))
     check_lora_variant(cfg, lora)
     references = reference_images(cfg)
     settings = run_settings(cfg, lora)
-    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME), "an evaluation run", "run_dir")
+    check_own_folder(run_dir, (SETTINGS_NAME, RECORDS_NAME, SHARDS_DIR), "an evaluation run", "run_dir")
     ensure_writable_dir(run_dir, "run_dir")
     check_settings(
         run_dir, settings,
@@ -605,14 +557,17 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
          "manifest": str(Path(str(cfg.manifest)).resolve()), "lora_training": None if lora is None else lora.get("run"),
          "lora_dir": None if lora is None else lora["dir"]},
     )  # fmt: skip
-    drop_stale(cases, lambda case: image_path(run_dir, case), run_dir / RECORDS_NAME)  # changed cases: redo
     records = RecordLog(run_dir / RECORDS_NAME)
+    if shard is None:  # the shards' finished cases (checked for staleness below like our own)
+        adopt_shards(run_dir, cases, settings, records, lambda case: image_path(Path(), case))
+    drop_stale(cases, lambda case: image_path(run_dir, case), run_dir / RECORDS_NAME)  # changed cases: redo
     check_records_match(records.load(), cases, records.path)
     eliminate = eliminate_words(cfg, cases)
+    tracker = EvalTracker.start(cfg, run_dir)  # W&B: open before generation, progress as it goes
 
     # 2. Generate what is missing, 3. score what is unscored (both resume)
     started = time.perf_counter()
-    generated = generate_cases(cfg, cases, run_dir, eliminate, pipe_factory or load_eval_pipeline)
+    generated = generate_cases(cfg, cases, run_dir, eliminate, pipe_factory or load_eval_pipeline, tracker.generated)
     log.info("generation: %d case(s) in %.1f s", generated, time.perf_counter() - started)
     started = time.perf_counter()
     scored = 0
@@ -621,20 +576,24 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
 
         suite = metric_suite or MetricSuite.from_config(cfg.metrics)
         batch = config_value(cfg, "score_batch_size", int)
-        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": row})
+        wanted = {c.case_id for c in cases}
+        scored = score_cases(suite, cases, run_dir, references, records, eliminate, batch, {"row": row},
+                             lambda done, total: tracker.scored(done, total, summarize(
+                                 [r for k, r in records.load().items() if k in wanted])))
     log.info("scoring: %d case(s) in %.1f s", scored, time.perf_counter() - started)
     stored = records.load()
     mine = [stored[c.case_id] for c in cases]  # exactly one record per case, in manifest order
 
     # 4. FID, summaries, W&B
     fid: dict[str, float | None] = {}
-    if bool(cfg.get("fid", True)):
+    if bool(cfg.get("fid", True)) and shard is None:  # FID of a slice is not the set's: once, at the merge
         extractor = make_fid_extractor(str(cfg.get("fid_extractor", "inception")), cfg.metrics)
         fid = fid_by_task(mine, {r["case_id"]: run_dir for r in mine}, cfg.metrics, extractor)
     summary = {
         "row": row,
         "subject": subject,
         "cases": len(mine),
+        "shard": None if shard is None else f"{shard.index}/{shard.count}",
         "tasks": summarize(mine),
         "fid": fid,
         "fid_extractor": str(cfg.get("fid_extractor", "inception")) if fid else None,
@@ -646,6 +605,6 @@ def evaluate(cfg: DictConfig, *, pipe_factory: Callable[[DictConfig], Any] | Non
     atomic_write_bytes(run_dir / SUMMARY_JSON, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     title = f"Evaluation: {row} / {subject} on `{cfg.model.name}` (λ={lambda_:g}, TAS {'on' if cfg.tas.enabled else 'off'})"
     atomic_write_bytes(run_dir / SUMMARY_MD, summary_markdown(summary, title).encode("utf-8"))
-    log_to_wandb(cfg, run_dir, mine, summary)
+    tracker.finish(mine, summary, SCORE_KEYS)
     log.info("evaluation of %s: %d generated, %d scored, %d cases -> %s", subject, generated, scored, len(mine), run_dir)
     return EvalResult(run_dir=run_dir, records=mine, summary=summary, generated=generated, scored=scored, fid=fid)

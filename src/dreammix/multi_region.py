@@ -41,7 +41,7 @@ import torch
 
 from dreammix.crop import Box, composite, feather, lcg_crop_box, paste, processing_size, resize_mask
 from dreammix.errors import DreamMixError
-from dreammix.pipeline import STAGES, _as_binary_mask, _as_rgb_array, _resize, split_steps
+from dreammix.pipeline_inputs import STAGES, _as_binary_mask, _as_rgb_array, _resize, split_steps
 from dreammix.tas import IDENTIFIER, clean_eliminate_words
 
 #: Attribute on the pipeline: resolved LoRA folder → its peft adapter name (each loaded once).

@@ -48,9 +48,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dreammix.crop import Box, composite, feather, lcg_crop_box, paste, processing_size, resize_mask
-from dreammix.data.images import mask_to_binary, to_rgb
 from dreammix.errors import DreamMixError
 from dreammix.losses import latent_mask
+from dreammix.pipeline_inputs import STAGES, _as_binary_mask, _as_rgb_array, _resize, split_steps
 from dreammix import sampling
 from dreammix.sampling import SamplerSpec
 from dreammix.tas import (
@@ -61,7 +61,6 @@ from dreammix.tas import (
     decompose_prompt_embeds,
 )
 
-STAGES = ("local", "global")
 LORA_ADAPTER = "subject"
 # Pixels per VAE encoder call. Below it, the masked image and the blending target share one call
 # (per-call overhead dominates small images); at SDXL's 1024² each image gets its own call: the fp32
@@ -69,11 +68,6 @@ LORA_ADAPTER = "subject"
 # the inference peak past 10 GB for no gain on a GPU that one image already fills
 # (``python -m dreammix.perf --model sdxl_arch --sdxl-costs``).
 VAE_ENCODE_PIXELS_PER_CALL = 1024 * 1024
-
-
-def split_steps(lambda_: float, num_inference_steps: int) -> int:
-    """Number of LCG steps: ``round(λ·T)``, halves rounded up (not Python's banker's rounding)."""
-    return int(math.floor(lambda_ * num_inference_steps + 0.5))
 
 
 @dataclass
@@ -129,51 +123,6 @@ def text_encoders_parked(pipe, enabled: bool = True):
         if park:
             for te, device in zip(encoders, devices):
                 te.to(device)
-
-
-def _as_rgb_array(image: Any) -> np.ndarray:
-    if isinstance(image, PIL.Image.Image):
-        return np.asarray(to_rgb(image))
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise DreamMixError(f"image array must be HxW or HxWx3, got shape {image.shape}", "image")
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        arr = arr[..., :3]
-        if arr.dtype == np.uint8:
-            return np.ascontiguousarray(arr)
-        if np.issubdtype(arr.dtype, np.floating):
-            return np.clip(np.floor(arr * 255.0 + 0.5), 0, 255).astype(np.uint8)
-        if arr.dtype == np.uint16:
-            return np.clip(np.floor(arr / 257.0 + 0.5), 0, 255).astype(np.uint8)
-        raise DreamMixError(f"image array dtype {arr.dtype} is not supported (uint8, uint16 or float)", "image")
-    raise DreamMixError(f"image must be a PIL image or a numpy array, got {type(image).__name__}", "image")
-
-
-def _as_binary_mask(mask: Any) -> np.ndarray:
-    if isinstance(mask, PIL.Image.Image):
-        return mask_to_binary(mask)
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    if isinstance(mask, np.ndarray):
-        arr = np.squeeze(mask)
-        # half range of the array's own scale, decided before an RGB(A) array is averaged to gray
-        # (its mean is float whatever the scale): bool/float 0.5, 8-bit 128, 16-bit 32768
-        if np.issubdtype(arr.dtype, np.integer) and (arr.dtype == np.uint16 or arr.max() > 255):
-            threshold = 32768.0
-        elif arr.dtype == np.uint8 or (np.issubdtype(arr.dtype, np.integer) and arr.max() > 1):
-            threshold = 128.0
-        else:
-            threshold = 0.5
-        if arr.ndim == 3:  # RGB(A) array: use its gray level like an RGB mask file
-            arr = arr[..., :3].astype(np.float64).mean(axis=-1)
-        if arr.ndim != 2:
-            raise DreamMixError(f"mask array must be HxW, got shape {mask.shape}", "mask_image")
-        return (arr >= threshold).astype(np.float32)
-    raise DreamMixError(f"mask must be a PIL image or a numpy array, got {type(mask).__name__}", "mask_image")
 
 
 class UnsupportedArgument(DreamMixError, ValueError):
@@ -919,8 +868,3 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         if not return_dict:
             return (images, lcg_images, crop, k)
         return DreamMixPipelineOutput(images=images, lcg_images=lcg_images, crop_box=crop, lcg_steps=k)
-
-
-def _resize(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
-    """LANCZOS resize, skipped when the size already matches (keeps pixels exact)."""
-    return image if image.size == tuple(size) else image.resize(tuple(size), PIL.Image.LANCZOS)

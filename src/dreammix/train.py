@@ -8,21 +8,21 @@ in diffusers format (with adapter metadata) to ``<run_dir>/lora``.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from dreammix.callbacks import SampleGridCallback
+from dreammix.callbacks import progress_callbacks
 from dreammix.cli import config_value
 from dreammix.data.datamodule import DataSpec, DreamMixDataModule
-from dreammix.data.frozen import FrozenInputEncoder, square_crop_resize
+from dreammix.data.frozen import FrozenInputEncoder
 from dreammix.data.segmented_masks import source_mask_segmenter
-from dreammix.data.subjects import Subject
+from dreammix.data.subjects import Subject, ensure_subject_images
 from dreammix.errors import DreamMixError
 from dreammix.export import RUN_INFO_NAME  # noqa: F401 - re-exported (benchmark.run reads it from here)
 from dreammix.export import CheckpointLoraCallback, LoraExport, lora_record, unet_layout, write_lora_folder
@@ -34,7 +34,8 @@ from dreammix.validation import check_finite_tensors
 from dreammix.models.loading import ModelSpec, load_pipeline, model_spec_from_config, resolve_dtype
 from dreammix.models.lora import LoraSpec, lora_state_dict
 from dreammix.module import DreamMixLoRAModule, LossSpec, NoiseSpec, OptimSpec
-from dreammix.tracking import wandb_enabled, wandb_init_kwargs
+from dreammix.tracking import log_lora_artifact, train_loggers, wandb_logger_of
+from dreammix.validation_panels import ValidationSpec, validation_callback, validation_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,6 @@ def _training_device(trainer_cfg) -> torch.device:
     if accelerator in ("gpu", "cuda"):
         raise DreamMixError("trainer.accelerator asks for a GPU but CUDA is not available", "trainer.accelerator")
     return torch.device("cpu")
-
-
-def _validation_inputs(examples: list, resolution: int, count: int):
-    """The first ``count`` source photos and masks at training resolution, as PIL images."""
-    images, masks = [], []
-    for example in examples[:count]:
-        pixels, mask = square_crop_resize(example, resolution)
-        images.append(Image.fromarray(((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)))
-        masks.append(Image.fromarray((mask.numpy() * 255).astype(np.uint8), mode="L"))
-    return images, masks
-
-
-def _logger(cfg: DictConfig, run_dir: Path):
-    if not wandb_enabled(cfg):
-        return False
-    from lightning.pytorch.loggers import WandbLogger
-
-    kwargs = wandb_init_kwargs(cfg, f"{cfg.task_name}-{cfg.run_name}-{run_dir.name}", run_dir, "train")
-    return WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)  # WandbLogger names wandb.init's `dir` save_dir
 
 
 @dataclass(frozen=True)
@@ -123,6 +105,7 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
     if ckpt_path is not None and not ckpt_path.is_file():
         raise DreamMixError(f"checkpoint not found: {ckpt_path}", "ckpt_path")
     subject = Subject.from_config(cfg.subject)
+    ensure_subject_images(subject, OmegaConf.select(cfg, "paths.dreambooth_dir"))
     if not subject.image_dir.is_dir():  # fail before loading gigabytes of weights
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
     data = DataSpec.from_config(cfg.data)
@@ -131,9 +114,9 @@ def train_specs(cfg: DictConfig) -> TrainSpecs:
 
 
 def _callbacks(
-    cfg: DictConfig, specs: TrainSpecs, pipe, encoder: FrozenInputEncoder, source_examples: list, run_dir: Path
+    cfg: DictConfig, specs: TrainSpecs, val_spec: ValidationSpec, pipe, source_examples: list, run_dir: Path
 ) -> list[L.Callback]:
-    """LoRA-only checkpoints every N steps, and sample grids when ``validation.every_n_steps`` > 0."""
+    """LoRA-only checkpoints every N steps, and validation panels when ``validation.every_n_steps`` > 0."""
     keep = int(cfg.checkpoint.get("keep_last") or 0)
     every = int(cfg.checkpoint.every_n_steps)
     callbacks: list[L.Callback] = [
@@ -149,14 +132,8 @@ def _callbacks(
         callbacks.append(CheckpointLoraCallback(
             run_dir / "checkpoints", every, keep, specs.lora, lambda step: _run_info(cfg, specs, step, pipe.unet),
         ))
-    val = cfg.validation
-    if int(val.every_n_steps) > 0 and int(val.num_samples) > 0:
-        images, masks = _validation_inputs(source_examples, specs.model.resolution, int(val.num_samples))
-        embeds, pooled = encoder.encode_prompts([specs.data.source_prompt])
-        callbacks.append(SampleGridCallback(
-            pipe, images, masks, embeds, pooled, run_dir / "samples", int(val.every_n_steps),
-            int(val.num_inference_steps), float(val.guidance_scale), int(cfg.seed),
-        ))
+    if val_spec.every_n_steps > 0 and val_spec.num_backgrounds > 0:
+        callbacks.append(validation_callback(cfg, val_spec, pipe, source_examples, specs.model.resolution, run_dir))
     return callbacks
 
 
@@ -193,8 +170,10 @@ def train(cfg: DictConfig) -> Path:
     from diffusers import DDPMScheduler
 
     specs = train_specs(cfg)
+    val_spec = validation_spec(cfg)
     check_own_folder(cfg.run_dir, ("checkpoints", "lora", "samples"), "a training run", "run_dir")  # lora/ is replaced
     run_dir = ensure_writable_dir(Path(str(cfg.run_dir)), "run_dir")
+    loggers = train_loggers(cfg, run_dir)  # CSV always; W&B opened before the weights load
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     device = _training_device(cfg.trainer)
     segment_masks = source_mask_segmenter(cfg, specs.subject, device)  # data.missing_mask=segment
@@ -207,7 +186,7 @@ def train(cfg: DictConfig) -> Path:
         segment_masks=segment_masks,
     )
     datamodule.setup("fit")
-    callbacks = _callbacks(cfg, specs, pipe, encoder, datamodule.source_examples, run_dir)
+    callbacks = _callbacks(cfg, specs, val_spec, pipe, datamodule.source_examples, run_dir)
     # Everything the text encoders will ever produce is cached now: free their memory.
     pipe.text_encoder.to("cpu")
     pipe.text_encoder_2.to("cpu")
@@ -218,21 +197,30 @@ def train(cfg: DictConfig) -> Path:
         pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), specs.lora, specs.loss, specs.optim,
         gradient_checkpointing=specs.model.gradient_checkpointing, seed=int(cfg.seed), noise=specs.noise,
     )
-    logger = _logger(cfg, run_dir)
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "accelerator": device.type}
+    # The datamodule's sampler gives each DDP rank its own slice of the step-indexed stream.
+    trainer_kwargs["use_distributed_sampler"] = False
+    progress, trainer_kwargs["enable_progress_bar"] = progress_callbacks(
+        int(cfg.trainer.max_steps), OmegaConf.select(cfg, "progress.every_n_steps"),
+        terminal=sys.stdout.isatty(), bar=bool(trainer_kwargs.get("enable_progress_bar", True)),
+    )
     trainer = L.Trainer(
-        **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
+        **trainer_kwargs, max_epochs=-1, default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks + progress,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     try:
+        started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(specs.ckpt_path) if specs.ckpt_path else None)
         check_finite_tensors({n: p for n, p in module.named_parameters() if "lora_" in n}, "the trained LoRA")  # never export NaNs
-        info = _run_info(cfg, specs, trainer.global_step, pipe.unet)
-        grid = next(iter(sorted((run_dir / "samples").glob("step_*.png"))[-1:]), None)
-        lora_dir = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), specs.lora, info), run_dir / "lora", sample_grid=grid)
-        log.info("LoRA written to %s (diffusers, kohya/webui, model card)", lora_dir)
+        if trainer.is_global_zero:  # DDP: every rank holds the same LoRA; one writes it
+            info = {**_run_info(cfg, specs, trainer.global_step, pipe.unet),
+                    "train_seconds": time.perf_counter() - started}  # this process's fit (after a resume: the rest)
+            grid = next(iter(sorted((run_dir / "samples").glob("step_*.png"))[-1:]), None)
+            lora_dir = write_lora_folder(LoraExport(lora_state_dict(pipe.unet), specs.lora, info), run_dir / "lora", sample_grid=grid)
+            log.info("LoRA written to %s (diffusers, kohya/webui, model card)", lora_dir)
+            log_lora_artifact(loggers, run_dir / "lora", specs.subject.name, trainer.global_step)
     finally:
-        if logger:
+        if wandb_logger_of(loggers) is not None:
             import wandb
 
             wandb.finish()  # one W&B run per Hydra job, also in multirun

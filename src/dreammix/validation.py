@@ -148,6 +148,8 @@ RULES: dict[str, Any] = {
     "validation.num_samples": _int(0, 1_000),
     "validation.num_inference_steps": _STEPS,
     "validation.guidance_scale": _GUIDANCE,
+    "validation.lambda_": _PROB,
+    "progress.every_n_steps": _int(1, nullable=True),
     "optim.lr": _float(0.0, 1.0, open_low=True),
     "optim.betas": NumList(_float(0.0, 1.0, open_high=True), 2),
     "optim.weight_decay": _float(0.0),

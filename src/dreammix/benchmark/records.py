@@ -7,6 +7,10 @@ there or — if the process dies mid-write — a truncated last line, which :cla
 drops when it opens the file. On read, records are keyed by ``case_id`` and the last one wins
 (a deliberate re-score replaces the old value without rewriting the file); :meth:`compact`
 rewrites the deduplicated log atomically.
+
+An evaluation run's folder (written by :mod:`dreammix.evaluate`, read by the tables of
+:mod:`dreammix.benchmark.report`) is named here too — its file names, the score keys of a record
+and :func:`summarize` — so the reader does not import the writer.
 """
 
 from __future__ import annotations
@@ -14,15 +18,24 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dreammix.atomic import atomic_write_bytes
-from dreammix.benchmark.manifest import canonical_json
+from dreammix.benchmark.manifest import TASKS, canonical_json
 from dreammix.errors import DreamMixError
 
 T = TypeVar("T")
+
+# An evaluation run's folder
+IMAGES_DIR = "images"
+RECORDS_NAME = "records.jsonl"
+SETTINGS_NAME = "settings.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+#: Per-case score keys (crop = table value; ``*_full`` = whole image), as MetricSuite returns them.
+SCORE_KEYS = ("clip_t", "clip_i", "dino", "clip_t_full", "clip_i_full", "dino_full")
 
 
 class RecordLog:
@@ -97,3 +110,33 @@ class RecordLog:
         data = "".join(canonical_json(records[k]) + "\n" for k in sorted(records)).encode("utf-8")
         atomic_write_bytes(self.path, data)
         return len(records)
+
+
+def _means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SCORE_KEYS if all(k in r for r in rows)}
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per task (and ``all``): case count, mean scores over cases, and the same per subject.
+
+    The overall mean is over cases; the benchmark gives every subject the same number of cases
+    per task, so it equals the mean of the per-subject means there.
+    """
+    records = list(records)
+    groups: dict[str, list[Mapping[str, Any]]] = {task: [] for task in TASKS}
+    for record in records:
+        groups.setdefault(str(record["task"]), []).append(record)
+    groups["all"] = records
+    out: dict[str, Any] = {}
+    for task, rows in groups.items():
+        if not rows:
+            continue
+        subjects: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            subjects.setdefault(str(row["subject"]), []).append(row)
+        out[task] = {
+            "n": len(rows),
+            "mean": _means(rows),
+            "per_subject": {s: {"n": len(r), "mean": _means(r)} for s, r in sorted(subjects.items())},
+        }
+    return out

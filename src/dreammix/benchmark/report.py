@@ -49,8 +49,7 @@ def _read_json(path: Path) -> Any:
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """``settings``, ``summary`` and the deduplicated ``records`` of one evaluation run."""
-    from dreammix.benchmark.records import RecordLog
-    from dreammix.evaluate import RECORDS_NAME, SETTINGS_NAME, SUMMARY_JSON
+    from dreammix.benchmark.records import RECORDS_NAME, SETTINGS_NAME, SUMMARY_JSON, RecordLog
 
     run_dir = Path(run_dir)
     return {
@@ -62,9 +61,9 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def merge_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any]:
-    """Pool the records of several runs: ``tasks`` (as :func:`~dreammix.evaluate.summarize`),
+    """Pool the records of several runs: ``tasks`` (as :func:`~dreammix.benchmark.records.summarize`),
     ``records`` and ``image_paths`` (absolute path of each case's image, by case id)."""
-    from dreammix.evaluate import summarize
+    from dreammix.benchmark.records import summarize
 
     records: dict[str, dict[str, Any]] = {}
     images: dict[str, Path] = {}
@@ -80,6 +79,15 @@ def merge_runs(run_dirs: Iterable[str | Path]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Paper tables
 # ------------------------------------------------------------------------------------------------
+
+
+def _cell(entry: Mapping[str, Any], value: Any, digits: int = 3) -> str:
+    """Our value, or ``missing`` when the entry lacks cases (``incomplete``: a job failed)."""
+    return "missing" if entry.get("incomplete") else _fmt(value, digits)
+
+
+def _cases(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("incomplete") or entry.get("n", 0))
 
 
 def _paper_value(paper: Mapping[str, Any] | None, task: str, key: str) -> Any:
@@ -99,7 +107,8 @@ def table3_markdown(
     """The ablation table: for each task, one line per row with ours and the paper's values.
 
     ``rows[name]`` is a :func:`merge_runs` result (or None when the row was not run);
-    ``paper[name][task][metric]`` the published value.
+    ``paper[name][task][metric]`` the published value. A task entry with ``incomplete`` ("3 of 8":
+    cases missing) prints ``missing`` instead of means over fewer cases.
     """
     labels = {**ROW_LABELS, **dict(labels or {})}
     lines = ["# Table 3 — ablation (ours vs. paper)", ""]
@@ -115,8 +124,8 @@ def table3_markdown(
             mean = ours.get("mean") or {}
             cells = []
             for key in METRIC_TITLES:
-                cells += [_fmt(mean.get(key)), _fmt(_paper_value(paper.get(name), task, key))]
-            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {ours.get('n', 0)} |")
+                cells += [_cell(ours, mean.get(key)), _fmt(_paper_value(paper.get(name), task, key))]
+            lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {_cases(ours)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -164,8 +173,8 @@ def table1_markdown(
         entry = ((ours or {}).get("tasks") or {}).get(task) or {}
         mean = entry.get("mean") or {}
         lines.append(
-            "| DreamMix (ours) | " + " | ".join(_fmt(mean.get(k)) for k in METRIC_TITLES)
-            + f" | {_fmt((fid or {}).get(task), 2)} | {entry.get('n', 0)} |"
+            "| DreamMix (ours) | " + " | ".join(_cell(entry, mean.get(k)) for k in METRIC_TITLES)
+            + f" | {_cell(entry, (fid or {}).get(task), 2)} | {_cases(entry)} |"
         )  # fmt: skip
         published = paper.get("dreammix") or {}
         lines.append(
@@ -222,7 +231,7 @@ def collect_results(sweep_dir: str | Path) -> Path | None:
     """Write ``<sweep_dir>/results.md`` and ``results.json``: one line per evaluation run found
     below ``sweep_dir`` (any depth), sorted by folder. Returns the markdown path, None if no run."""
     from dreammix.atomic import atomic_write_bytes
-    from dreammix.evaluate import SUMMARY_JSON
+    from dreammix.benchmark.records import SUMMARY_JSON
 
     sweep_dir = Path(sweep_dir)
     runs = sorted({p.parent for p in sweep_dir.rglob(SUMMARY_JSON)})

@@ -1,28 +1,34 @@
 """``run_benchmark(cfg)``: the whole reproduction behind ``make benchmark`` (``src/benchmark.py``).
 
-1. **Benchmark.** ``<bench.benchmark_dir>/manifest.jsonl`` is built (``build_benchmark``) if missing.
+The work is a graph of independent jobs (:mod:`dreammix.benchmark.jobs`), each exactly a command a
+user could type, run by ``bench.executor`` (:mod:`dreammix.benchmark.executors`: in this process,
+on Ray, on SLURM through submitit):
+
+1. **Benchmark.** ``<bench.benchmark_dir>/manifest.jsonl``, built once for every subject (so
+   ``bench.subjects=[can]`` then ``[dog]`` run on the same manifest).
 2. **LoRAs.** Each row (``bench.experiments``) names a training variant through
    ``conf/experiment/<row>.yaml`` (``loss.*``); rows with the same variant share one LoRA per subject
-   (``<out>/loras/<variant>/<subject>``). A LoRA is trained only if its ``lora/dreammix_run.json``
-   (written last by ``train``) is missing; an interrupted training resumes from its
-   ``checkpoints/last.ckpt``. Variants with regular data (``loss.beta > 0``) first get their ADM
-   set (``run_adm``, itself resumable) when it is missing or short.
-3. **Evaluation.** ``evaluate`` for every row × subject in ``<out>/eval/<row>/<subject>`` — fixed
-   folders, so a rerun resumes each run where it stopped.
-4. **Tables.** Records of a row are pooled over subjects (:func:`~dreammix.benchmark.report.merge_runs`);
-   FID over the row's whole generated set per task; the "Real images" row from the training images;
-   ``table1.md``, ``table3.md`` and ``results.json`` in ``<out>``.
+   (``<out>/loras/<variant>/<subject>``), trained unless its ``lora/dreammix_run.json`` (written
+   last by ``train``) is there, resumed from ``checkpoints/last.ckpt`` after an interruption.
+   Variants with regular data (``loss.beta > 0``) first get their ADM set (``adm/<subject>``).
+3. **Evaluation.** ``evaluate`` for every row × subject in ``<out>/eval/<row>/<subject>`` (fixed
+   folders: a rerun resumes each run where it stopped), optionally as ``bench.shards`` case shards
+   merged by the unsharded command.
+4. **Tables** (here, after the jobs). Records of a row are pooled over subjects
+   (:func:`~dreammix.benchmark.report.merge_runs`); FID over the row's whole generated set per task;
+   the "Real images" row from the training images; ``table1.md``, ``table3.md`` and
+   ``results.json`` in ``<out>``. A row missing cases (a job that failed) shows ``missing`` cells
+   and how many cases it has, instead of means over fewer cases.
 
-Sub-configs are composed from the same ``conf/`` tree as the entry points (train.yaml, adm.yaml,
-eval.yaml, build_benchmark.yaml) with the preset's override lists, so a chain step is exactly the
-command a user would type (each composed config is logged as that command line).
+``bench.dry_run=true`` prints every planned job with its command, and the job count of the
+benchmark over all subjects, without running anything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +36,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dreammix.atomic import atomic_write_bytes
+from dreammix.benchmark.executors import EXECUTORS, Execution, execute, make_executor
+from dreammix.benchmark.jobs import CONF_DIR, MODELS, ModelCache, Plan, all_subjects, compose_config, kv, loss_variant, plan_jobs
+from dreammix.benchmark.jobs import override_lists as _lists  # noqa: F401 - the name tests and older callers use
 from dreammix.benchmark.manifest import MANIFEST_NAME, read_manifest
+from dreammix.benchmark.wandb_log import log_benchmark
 from dreammix.errors import DreamMixError
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-_SAFE = re.compile(r"^[A-Za-z0-9_./:@+,\-\[\]]*$")
+__all__ = ["BenchmarkRun", "CONF_DIR", "ModelCache", "compose_config", "kv", "loss_variant", "main", "run_benchmark"]
 
 
 @dataclass
@@ -48,176 +57,108 @@ class BenchmarkRun:
     trained: list[str] = field(default_factory=list)
     adm_built: list[str] = field(default_factory=list)
     eval_dirs: dict[str, dict[str, Path]] = field(default_factory=dict)
+    jobs: list[str] = field(default_factory=list)  # every planned job, in order
+    execution: Execution | None = None
 
 
-class ModelCache:
-    """One base pipeline and one metric suite for the whole chain (reloaded only when the model /
-    metrics config changes): every evaluation swaps the LoRA instead of reloading SDXL, and the
-    suite keeps its reference-image features between rows."""
-
-    def __init__(self) -> None:
-        self._pipe_key: str | None = None
-        self._pipe: Any = None
-        self._suite_key: str | None = None
-        self._suite: Any = None
-
-    @staticmethod
-    def _key(*parts: Any) -> str:
-        return json.dumps([OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts], sort_keys=True, default=str)
-
-    def pipeline(self, cfg: DictConfig) -> Any:
-        from dreammix.evaluate import load_base_pipeline, prepare_pipeline
-
-        key = self._key(cfg.model, str(cfg.get("device", "auto")))
-        if key != self._pipe_key:
-            self._pipe = None  # free the old model before loading the next
-            self._pipe, self._pipe_key = load_base_pipeline(cfg), key
-        return prepare_pipeline(self._pipe, cfg)
-
-    def suite(self, cfg: DictConfig) -> Any:
-        from dreammix.metrics import MetricSuite
-
-        key = self._key(cfg.metrics)
-        if key != self._suite_key:
-            self._suite, self._suite_key = MetricSuite.from_config(cfg.metrics), key
-        return self._suite
-
-
-def kv(key: str, value: Any) -> str:
-    """A Hydra override ``key=value``, quoting values with characters the override grammar reads."""
-    text = str(value)
-    if _SAFE.match(text):
-        return f"{key}={text}"
-    return f"{key}='" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def compose_config(name: str, overrides: list[str], conf_dir: Path | None = None) -> DictConfig:
-    """Compose ``conf/<name>.yaml`` with overrides — inside a running Hydra app (its config tree)
-    or standalone (``conf_dir``, default the repository's ``conf/``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    log.info("compose %s %s", name, " ".join(overrides))
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=name, overrides=overrides)
-    with initialize_config_dir(config_dir=str(conf_dir or CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-def loss_variant(loss: Any) -> str:
-    """Folder name of a training variant: ``tau1-1_beta0`` (DreamBooth), ``tau1.5-0.7_beta0.4`` …"""
-    name = f"tau{float(loss.tau_in):g}-{float(loss.tau_out):g}_beta{float(loss.beta):g}"
-    if float(loss.beta) > 0 and str(loss.get("regular_mode", "paired")) != "paired":
-        name += f"_{loss.regular_mode}{float(loss.regular_prob):g}"
-    if str(loss.get("weighting", "squared_error")) != "squared_error":
-        name += f"_{loss.weighting}"
-    return name
-
-
-def _lists(bench: DictConfig) -> dict[str, list[str]]:
-    keys = ("paths_overrides", "build_overrides", "overrides", "train_overrides", "adm_overrides", "eval_overrides")
-    return {key: [str(v) for v in (bench.get(key) or [])] for key in keys}
-
-
-def ensure_manifest(bench: DictConfig, ov: dict[str, list[str]], conf_dir: Path | None) -> Path:
-    """The manifest, built first if missing; every requested subject must be in it."""
-    from dreammix.benchmark.builder import build_benchmark
-
-    bench_dir = Path(str(bench.benchmark_dir))
-    manifest = bench_dir / MANIFEST_NAME
-    if not manifest.is_file():
-        subjects = [kv("benchmark.subjects", "[" + ",".join(map(str, bench.subjects)) + "]")] if bench.get("subjects") else []
-        cfg = compose_config(
-            "build_benchmark", [*ov["paths_overrides"], kv("benchmark.out_dir", bench_dir), *subjects, *ov["build_overrides"]], conf_dir
-        )
-        build_benchmark(cfg)
-    return manifest
-
-
-def ensure_regular_set(
-    subject: str, regular_dir: Path, out: Path, ov: dict[str, list[str]], conf_dir: Path | None, experiment: str | None = None
-) -> bool:
-    """Run ADM for ``subject`` unless ``regular_dir`` already holds ``adm.num_prompts`` items.
-    ``experiment`` picks the kind of set (``dreambooth_prior``: class-prior images, Eq. 2)."""
-    from dreammix.adm import read_manifest as read_regular, run_adm
-
-    cfg = compose_config(
-        "adm",
-        [*ov["paths_overrides"], *ov["overrides"], *ov["adm_overrides"], kv("subject", subject),
-         kv("adm.out_dir", regular_dir), kv("run_dir", out / "adm_runs" / regular_dir.name),
-         *([kv("experiment", experiment)] if experiment else [])],
-        conf_dir,
-    )  # fmt: skip
-    have = len(read_regular(regular_dir))  # 0 without a manifest
-    if have >= int(cfg.adm.num_prompts):
-        return False
-    log.info("ADM regular set of %s: %d of %d items, building", subject, have, int(cfg.adm.num_prompts))
-    run_adm(cfg)
-    return True
-
-
-def ensure_lora(
-    experiment: str, subject: str, out: Path, ov: dict[str, list[str]], bench: DictConfig, conf_dir: Path | None, result: BenchmarkRun
-) -> Path:
-    """The LoRA folder of ``subject`` for ``experiment``'s training variant, trained if missing."""
-    from dreammix.models.lora import LORA_WEIGHTS_NAME
-    from dreammix.train import RUN_INFO_NAME, train
-
-    base = [*ov["paths_overrides"], *ov["overrides"], *ov["train_overrides"], kv("experiment", experiment), kv("subject", subject)]
-    probe = compose_config("train", [*base, kv("run_dir", out / "loras" / "_probe")], conf_dir)
-    run_dir = out / "loras" / loss_variant(probe.loss) / subject
-    lora = run_dir / "lora"
-    if (lora / RUN_INFO_NAME).is_file() and (lora / LORA_WEIGHTS_NAME).is_file():
-        return lora
-    if float(probe.loss.beta) > 0 and bool(bench.get("adm", True)):
-        if ensure_regular_set(subject, Path(str(probe.data.regular_dir)), out, ov, conf_dir, experiment):
-            result.adm_built.append(subject)
-    resume = run_dir / "checkpoints" / "last.ckpt"
-    extra = [kv("ckpt_path", resume)] if resume.is_file() else []
-    log.info("training the %s LoRA of %s%s", loss_variant(probe.loss), subject, " (resuming)" if extra else "")
-    train(compose_config("train", [*base, kv("run_dir", run_dir), *extra], conf_dir))
-    result.trained.append(f"{loss_variant(probe.loss)}/{subject}")
-    return lora
+def main(cfg: DictConfig) -> None:
+    """``src/benchmark.py``: exit 1 when a job failed (after writing the tables of what finished)."""
+    result = run_benchmark(cfg)
+    if result.execution is not None and (result.execution.failed or result.execution.blocked):
+        sys.exit(1)
 
 
 def run_benchmark(cfg: DictConfig, conf_dir: str | Path | None = None) -> BenchmarkRun:
     """The chain of the module docstring for ``cfg.bench``; returns where everything went."""
-    threads = cfg.bench.get("torch_threads")
-    if threads:
+    bench = cfg.bench
+    conf = Path(str(conf_dir)) if conf_dir else None
+    experiments = [str(e) for e in bench.experiments]
+    if not experiments:
+        raise DreamMixError("no experiments to run", "bench.experiments")
+    for name in experiments:
+        if not ((conf or CONF_DIR) / "experiment" / f"{name}.yaml").is_file():
+            raise DreamMixError(f"unknown experiment {name!r} (no conf/experiment/{name}.yaml)", "bench.experiments")
+    executor_name = str(bench.get("executor", "local"))
+    if executor_name not in EXECUTORS:
+        raise DreamMixError(f"unknown executor {executor_name!r}; known: {', '.join(EXECUTORS)}", "bench.executor")
+    retries = int(bench.get("retries") or 0)
+    if retries < 0:
+        raise DreamMixError(f"must be >= 0, got {retries}", "bench.retries")
+
+    manifest = Path(str(bench.benchmark_dir)).absolute() / MANIFEST_NAME
+    universe = sorted({c.subject for c in read_manifest(manifest)}) if manifest.is_file() else all_subjects(conf or CONF_DIR)
+    subjects = [str(s) for s in bench.subjects] if bench.get("subjects") else universe
+    missing = [s for s in subjects if s not in universe]
+    if missing:
+        where = str(manifest) if manifest.is_file() else "bench.subjects"
+        raise DreamMixError(f"subjects {missing} are not in the benchmark (subjects: {', '.join(universe)})", where)
+    dry_run = bool(bench.get("dry_run", False))
+    out = Path(str(bench.out_dir)).absolute()
+    executor = None if dry_run else make_executor(bench, out)  # an engine that cannot start: before any planning
+    try:
+        plan = plan_jobs(cfg, subjects, conf)
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
+    result = BenchmarkRun(out_dir=out, table1=out / "table1.md", table3=out / "table3.md", results=out / "results.json",
+                          eval_dirs=plan.eval_dirs, jobs=[j.name for j in plan.jobs])  # fmt: skip
+    if executor is None:
+        print_plan(plan, len(universe))
+        return result
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        threads = bench.get("torch_threads")
+        result.execution = execute(plan.jobs, executor, retries=retries, out=out, conf_dir=conf, torch_threads=threads)
+    finally:
+        executor.close()
+    ran = set(result.execution.done)
+    result.trained = [j.name.removeprefix("train/") for j in plan.jobs if j.kind == "train" and j.name in ran]
+    result.adm_built = [j.name.rsplit("/", 1)[-1] for j in plan.jobs if j.kind == "adm" and j.name in ran]  # subjects
+    for name, failure in result.execution.failed.items():
+        print(f"FAILED {name}: {failure['reason']} (log: {failure['log']})")
+    if result.execution.blocked:
+        print(f"not run (a job they need failed): {', '.join(result.execution.blocked)}")
+    if not manifest.is_file():
+        print("no manifest: no tables")
+        return result
+    threads = bench.get("torch_threads")
+    if threads:  # the tables score the real images and compute FID here, like a job would
         import torch
 
         previous = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:
-            return _run(cfg, conf_dir)
+            write_tables(cfg, plan, result, conf)
         finally:
             torch.set_num_threads(previous)
-    return _run(cfg, conf_dir)
+    else:
+        write_tables(cfg, plan, result, conf)
+    return result
 
 
-def evaluate_rows(
-    experiments: list[str], subjects: list[str], loras: dict[tuple[str, str], Path], common: list[str], out: Path,
-    conf: Path | None, models: ModelCache, row_overrides: dict[str, list[str]] | None = None,
-) -> dict[str, dict[str, Path]]:
-    """``evaluate`` every row × subject into ``<out>/eval/<row>/<subject>``, without FID (the tables
-    compute it over a row's whole generated set); returns the run folders by row and subject.
-    ``row_overrides[row]``: extra overrides of that row (the loss its preset trained it with)."""
-    from dreammix.evaluate import evaluate
+def job_counts(plan: Plan, subjects: int) -> dict[str, int]:
+    """Jobs of each kind for ``subjects`` subjects with ``plan``'s rows, variants and shards (every
+    subject gets the same jobs, so this is the plan's per-subject count times ``subjects``)."""
+    per_subject: dict[str, int] = {}
+    for job in plan.jobs:
+        if job.kind != "manifest":
+            per_subject[job.kind] = per_subject.get(job.kind, 0) + 1
+    n = max(1, len(plan.subjects))
+    return {"manifest": 1, **{kind: count // n * subjects for kind, count in per_subject.items()}}
 
-    eval_dirs: dict[str, dict[str, Path]] = {}
-    for experiment in experiments:
-        eval_dirs[experiment] = {}
-        for subject in subjects:
-            run_dir = out / "eval" / experiment / subject
-            ecfg = compose_config(
-                "eval",
-                [*common, kv("experiment", experiment), *(row_overrides or {}).get(experiment, []), kv("subject", subject),
-                 kv("lora_dir", loras[(experiment, subject)]), kv("run_dir", run_dir), "fid=false"],
-                conf,
-            )  # fmt: skip
-            evaluate(ecfg, pipe_factory=models.pipeline, metric_suite=models.suite(ecfg))
-            eval_dirs[experiment][subject] = run_dir
-    return eval_dirs
+
+def print_plan(plan: Plan, universe: int) -> None:
+    """``bench.dry_run``: every job (``[done]`` if its outputs are on disk) and its command."""
+    for number, job in enumerate(plan.jobs, start=1):
+        state = "done" if job.done() else "todo"
+        after = f" (after {', '.join(job.deps)})" if job.deps else ""
+        print(f"{number:4d}. [{state}] {job.name}{after}\n      {job.command()}")
+    todo = sum(not j.done() for j in plan.jobs)
+    print(f"planned: {len(plan.jobs)} jobs ({todo} to run) for {len(plan.subjects)} subject(s) x {len(plan.experiments)} row(s)")
+    counts = job_counts(plan, universe)
+    print(f"all {universe} subjects: {sum(counts.values())} jobs (" + ", ".join(f"{k} {n}" for k, n in counts.items()) + ")")
 
 
 def row_fids(rows: dict[str, dict[str, Any]], metrics_cfg: DictConfig, extractor: Any) -> dict[str, dict[str, float | None]]:
@@ -246,73 +187,63 @@ def real_images(suite: Any, subjects: list[str], common: list[str], out: Path, c
     return real_images_row(per_subject)
 
 
-def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
-    from dreammix.benchmark.presets import BenchPreset, describe_setup
+def mark_missing(rows: dict[str, dict[str, Any]], expected: dict[str, dict[str, set[str]]]) -> dict[str, dict[str, str]]:
+    """Per row and task, ``"<have> of <expected>"`` where cases are missing (a failed or unfinished
+    job); such a task gets ``incomplete`` in ``rows`` so the tables print ``missing`` cells instead of
+    means over fewer cases."""
+    incomplete: dict[str, dict[str, str]] = {}
+    for row, merged in rows.items():
+        have: dict[str, int] = {}
+        for record in merged["records"]:
+            if record["case_id"] in expected[row].get(record["task"], set()):
+                have[record["task"]] = have.get(record["task"], 0) + 1
+        for task, wanted in expected[row].items():
+            if have.get(task, 0) < len(wanted):
+                note = f"{have.get(task, 0)} of {len(wanted)}"
+                incomplete.setdefault(row, {})[task] = note
+                merged["tasks"].setdefault(task, {"n": have.get(task, 0), "mean": {}})["incomplete"] = note
+    return incomplete
+
+
+def write_tables(cfg: DictConfig, plan: Plan, result: BenchmarkRun, conf: Path | None) -> None:
+    """``table1.md``, ``table3.md``, ``results.json`` from the evaluation runs on disk."""
+    from dreammix.benchmark.presets import describe_setup
     from dreammix.benchmark.report import merge_runs, table1_markdown, table3_markdown
-    from dreammix.evaluate import fid_of, make_fid_extractor
+    from dreammix.evaluate import fid_of, make_fid_extractor, select_cases
 
     bench = cfg.bench
-    conf = Path(str(conf_dir)) if conf_dir else None
-    ov = _lists(bench)
-    experiments = [str(e) for e in bench.experiments]
-    if not experiments:
-        raise DreamMixError("no experiments to run", "bench.experiments")
-    for name in experiments:
-        if not ((conf or CONF_DIR) / "experiment" / f"{name}.yaml").is_file():
-            raise DreamMixError(f"unknown experiment {name!r} (no conf/experiment/{name}.yaml)", "bench.experiments")
-    # The preset: each row's training experiment, extra overrides; checked before anything runs.
-    preset = BenchPreset.from_config(cfg.get("preset"))
-    preset.check(experiments, conf or CONF_DIR)
-    ov["train_overrides"] += list(preset.train_overrides)
-    ov["eval_overrides"] += list(preset.eval_overrides)
-    train_of = {e: preset.train_experiment(e) for e in experiments}
-    probe_overrides = [*ov["paths_overrides"], *ov["overrides"], *ov["train_overrides"], "run_dir=/nonexistent"]
-    probes = {e: compose_config("train", [*probe_overrides, kv("experiment", train_of[e])], conf) for e in experiments}
-    preset.check_base(probes[experiments[0]].model)
-    # Evaluation checks each LoRA against the loss it was trained with (the preset's, not the row's).
-    row_loss = {e: [kv(f"loss.{k}", probes[e].loss[k]) for k in ("tau_in", "tau_out", "beta")] for e in experiments}
-    out = Path(str(bench.out_dir))
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 1. benchmark
-    manifest = ensure_manifest(bench, ov, conf)
+    out, manifest, subjects, experiments, common = plan.out, plan.manifest, plan.subjects, plan.experiments, plan.eval_overrides
     cases = read_manifest(manifest)
-    available = sorted({c.subject for c in cases})
-    subjects = [str(s) for s in bench.subjects] if bench.get("subjects") else available
-    missing = [s for s in subjects if s not in available]
-    if missing:
-        raise DreamMixError(
-            f"subjects {missing} are not in the manifest (delete it to rebuild, or use another bench.benchmark_dir)", str(manifest)
-        )
-    result = BenchmarkRun(out_dir=out, table1=out / "table1.md", table3=out / "table3.md", results=out / "results.json")
-
-    # 2. LoRAs (all first: the expensive, GPU-bound part; shared between rows of the same variant)
-    loras = {(e, s): ensure_lora(train_of[e], s, out, ov, bench, conf, result) for e in experiments for s in subjects}
-
-    # 3. evaluation (per subject; FID is computed over the whole row below, not per subject)
-    common = [*ov["paths_overrides"], *ov["overrides"], *ov["eval_overrides"], kv("benchmark.out_dir", manifest.parent)]
-    models = ModelCache()
-    result.eval_dirs = evaluate_rows(experiments, subjects, loras, common, out, conf, models, row_loss)
-
-    # 4. tables
     report_cfg = compose_config("eval", [*common, "lora_dir=null", kv("run_dir", out / "report")], conf)
-    rows = {e: merge_runs(result.eval_dirs[e].values()) for e in experiments}
+    rows = {e: merge_runs(p for p in result.eval_dirs[e].values() if p.is_dir()) for e in experiments}
+    expected: dict[str, dict[str, set[str]]] = {}
+    for e in experiments:
+        ecfg = compose_config("eval", [*common, kv("experiment", e), "lora_dir=null", kv("run_dir", out / "report")], conf)
+        limit = None if ecfg.get("limit") is None else int(ecfg.limit)
+        expected[e] = {}
+        for s in subjects:
+            for case in select_cases(cases, s, [str(t) for t in ecfg.tasks], limit):
+                expected[e].setdefault(case.task, set()).add(case.case_id)
+    incomplete = mark_missing(rows, expected)
     fid: dict[str, dict[str, float | None]] = {}
     real_fid = None
     extractor = None
     if bool(bench.get("fid", True)):
         extractor = make_fid_extractor(str(report_cfg.fid_extractor), report_cfg.metrics)
         fid = row_fids(rows, report_cfg.metrics, extractor)
+        for row, tasks in incomplete.items():  # FID of fewer images is another number: not reported
+            for task in tasks:
+                fid.get(row, {})[task] = None
         backgrounds = sorted({c.image_path for c in cases if c.subject in subjects})
         real_fid = fid_of(backgrounds, report_cfg.metrics, extractor)
     real: dict[str, Any] | None = None
     if bool(bench.get("real_images", True)):
-        real = real_images(models.suite(report_cfg), subjects, common, out, conf)
+        real = real_images(MODELS.suite(report_cfg), subjects, common, out, conf)
 
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if "paper" in cfg else {}
     note = (
         f"Benchmark `{bench.name}`: {len(subjects)} subjects ({', '.join(subjects)}), manifest `{manifest}`. "
-        + describe_setup(report_cfg.model, preset)
+        + describe_setup(report_cfg.model, plan.preset)
         + (" Tiny random models: the values only show that the chain runs." if str(bench.name) == "tiny" else "")
     )
     fid_note = (
@@ -332,18 +263,20 @@ def _run(cfg: DictConfig, conf_dir: str | Path | None) -> BenchmarkRun:
     )  # fmt: skip
     payload = {
         "benchmark": bench.name,
-        "preset": preset.name,
+        "preset": plan.preset.name,
         "base_model": {"name": str(report_cfg.model.name), "pretrained": str(report_cfg.model.pretrained)},
-        "train_experiments": train_of,
+        "train_experiments": plan.train_of,
         "subjects": subjects,
         "manifest": str(manifest),
         "rows": {e: {"tasks": rows[e]["tasks"], "fid": fid.get(e), "runs": {s: str(p) for s, p in result.eval_dirs[e].items()}} for e in experiments},
         "real_images": real,
         "real_images_fid": real_fid,
+        "incomplete": incomplete,
+        "failed_jobs": result.execution.failed if result.execution else {},
         "fid_extractor": str(report_cfg.fid_extractor) if extractor is not None else None,
         "paper": paper,
     }
     atomic_write_bytes(result.results, (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8"))
+    log_benchmark(cfg, out, payload, result.eval_dirs)  # W&B summary run: tables, job runs, contact sheets
     log.info("benchmark %s: %s, %s", bench.name, result.table1, result.table3)
-    print(f"wrote {result.table1} and {result.table3}")
-    return result
+    print(f"wrote {result.table1} and {result.table3}" + (f" (cases missing: {incomplete})" if incomplete else ""))

@@ -1,7 +1,8 @@
 """Lightning datamodule: the encoded source set and regular set, one batch of each per step.
 
 Batches are a pure function of ``(seed, position in the stream)`` (:class:`StepIndexedSampler`),
-and every item carries its stream position. A run resumed at optimizer step k restarts the
+and every item carries its stream position (with DDP, each rank reads its own block of every global
+batch). A run resumed at optimizer step k restarts the
 stream at position ``k * accumulate * batch_size``, so it sees exactly the batches (and, seeded by
 the position, the noise) an uninterrupted run sees from step k on. The stream is endless:
 ``trainer.max_steps`` ends training, never an epoch boundary (Lightning cannot resume a plain
@@ -27,28 +28,51 @@ from dreammix.errors import DreamMixError
 
 
 class StepIndexedSampler(Sampler[tuple[int, int]]):
-    """An endless stream of ``(position, item index)`` pairs, starting at batch ``start_batch``.
+    """The step-indexed stream of ``(position, item index)`` pairs, from global batch ``start_batch``.
 
     Position ``p`` is item ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a ``randperm``
     seeded by ``seed + e``: reshuffled every pass over the data, reproducible from any position.
-    It has no length on purpose: the trainer stops at ``max_steps``.
+
+    Data parallel (DDP, ``num_replicas`` ranks): global batch ``b`` is the ``num_replicas *
+    batch_size`` consecutive positions from ``b * num_replicas * batch_size``; rank ``r`` reads the
+    ``r``-th block of ``batch_size`` of it. So the ranks never read the same position, the global
+    batch is ``num_replicas`` times the per-device one, and one rank's data (and, seeded by the
+    position, its noise) depends only on ``(seed, b, r)`` — a run resumed at global batch ``b``
+    reads exactly what an uninterrupted one reads from there. With one replica this is the plain
+    stream ``start_batch * batch_size, …``.
+
+    ``stop_batch``: the stream ends before that global batch (``__len__`` is then the number of
+    pairs this rank yields); None = endless, without a length (the trainer stops at max_steps).
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_batch: int = 0):
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start_batch: int = 0, num_replicas: int = 1, rank: int = 0,
+        stop_batch: int | None = None,
+    ):  # fmt: skip
         if num_items < 1:
             raise ValueError("empty dataset")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
         self.num_items, self.batch_size, self.seed, self.start_batch = num_items, batch_size, seed, start_batch
+        self.num_replicas, self.rank, self.stop_batch = num_replicas, rank, stop_batch
+
+    def __len__(self) -> int:
+        if self.stop_batch is None:
+            raise TypeError("an endless StepIndexedSampler has no length")
+        return max(0, self.stop_batch - self.start_batch) * self.batch_size
 
     def __iter__(self):
         perm_epoch, perm = -1, None
-        pos = self.start_batch * self.batch_size
-        while True:
-            epoch, offset = divmod(pos, self.num_items)
-            if epoch != perm_epoch:
-                perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
-                perm_epoch = epoch
-            yield pos, int(perm[offset])
-            pos += 1
+        batch = self.start_batch
+        while self.stop_batch is None or batch < self.stop_batch:
+            first = (batch * self.num_replicas + self.rank) * self.batch_size
+            for pos in range(first, first + self.batch_size):
+                epoch, offset = divmod(pos, self.num_items)
+                if epoch != perm_epoch:
+                    perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+                    perm_epoch = epoch
+                yield pos, int(perm[offset])
+            batch += 1
 
 
 class PositionedItems(torch.utils.data.Dataset):
@@ -175,8 +199,17 @@ class DreamMixDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def _loader(self, dataset: CachedInpaintSet, batch_size: int, seed: int) -> DataLoader:
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        sampler = StepIndexedSampler(len(dataset), batch_size, seed, start_batch=start)
+        """This rank's slice of the endless stream from the trainer's step on (Lightning must not
+        re-shard it: ``use_distributed_sampler=False`` in ``train``). Endless, not bounded at
+        ``max_steps``: a finite epoch makes Lightning's mid-epoch restore replay batches."""
+        trainer = self.trainer
+        if trainer is None:
+            sampler = StepIndexedSampler(len(dataset), batch_size, seed)
+        else:
+            sampler = StepIndexedSampler(
+                len(dataset), batch_size, seed, start_batch=trainer.global_step * trainer.accumulate_grad_batches,
+                num_replicas=trainer.world_size, rank=trainer.global_rank,
+            )  # fmt: skip
         return DataLoader(
             PositionedItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=self.spec.num_workers,
             collate_fn=_already_batched,

@@ -51,6 +51,20 @@ class Subject:
         )
 
 
+def ensure_subject_images(subject: Subject, dreambooth_dir: str | Path | None) -> None:
+    """Download a DreamBooth subject's photos on first use (as ``make data`` does, checksummed);
+    offline, one line that names ``make data`` and ``paths.dreambooth_dir``. Custom subjects,
+    whose folder lies elsewhere, are left to the checks that follow."""
+    from dreammix.data.download import DownloadError, ensure_dreambooth_subject
+
+    if dreambooth_dir is None:
+        return
+    try:
+        ensure_dreambooth_subject(subject.name, subject.image_dir, Path(str(dreambooth_dir)))
+    except DownloadError as exc:
+        raise DreamMixError(str(exc)) from exc  # the message names make data and paths.dreambooth_dir
+
+
 @dataclass(frozen=True)
 class MaskedImage:
     """An RGB image with its binary object mask (``(H, W)`` float, 1 = object)."""
@@ -72,7 +86,10 @@ def load_source_examples(
     if not subject.image_dir.is_dir():
         raise DreamMixError(f"image folder of subject '{subject.name}' not found: {subject.image_dir}", "subject.image_dir")
     if subject.mask_dir is not None and not subject.mask_dir.is_dir():
-        raise DreamMixError(f"mask folder of subject '{subject.name}' not found: {subject.mask_dir}", "subject.mask_dir")
+        raise DreamMixError(
+            f"mask folder of subject '{subject.name}' not found: {subject.mask_dir} (copy the object masks there, "
+            "or subject.mask_dir=null to train on whole photos)", "subject.mask_dir",
+        )
     paths = list_images(subject.image_dir)
     if not paths:
         raise DreamMixError(f"no images in {subject.image_dir}", "subject.image_dir")

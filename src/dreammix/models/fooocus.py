@@ -52,7 +52,7 @@ from torch import nn
 
 from dreammix.atomic import atomic_write_dir
 from dreammix.errors import DreamMixError
-from dreammix.models.loading import ModelSpec, _looks_like_path, check_model_folder, finish_pipeline, pretrained_pipeline
+from dreammix.models.pretrained import ModelSpec, _looks_like_path, check_model_folder, finish_pipeline, pretrained_pipeline
 
 LATENT_CHANNELS = 4
 HEAD_IN_CHANNELS = 1 + LATENT_CHANNELS  # latent mask ⊕ masked-image latent
