@@ -87,9 +87,12 @@ def test_render_calls_dreammix_pipeline_per_scene_and_prompt_with_labels(pipe, t
 
     monkeypatch.setattr(DreamMixInpaintPipeline, "__call__", counted)
     module = torch.nn.Linear(1, 1)
-    trainer = SimpleNamespace(global_step=1, loggers=[])
+    trainer = SimpleNamespace(global_step=1, loggers=[], is_global_zero=True)
     callback.on_train_batch_end(trainer, module, None, None, 0)
     assert not calls and not (tmp_path / "samples").exists()  # not a validation step
+    other_rank = SimpleNamespace(global_step=2, loggers=[], is_global_zero=False)
+    callback.on_train_batch_end(other_rank, module, None, None, 1)
+    assert not calls and not (tmp_path / "samples").exists()  # DDP: only rank 0 renders and writes
     trainer.global_step = 2
     callback.on_train_batch_end(trainer, module, None, None, 1)
     callback.on_train_batch_end(trainer, module, None, None, 2)  # the same optimizer step: no second render
