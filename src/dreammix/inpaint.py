@@ -144,6 +144,22 @@ def load_pipeline(cfg: DictConfig, device: torch.device):
     return pipe
 
 
+def write_outputs(paths: list[Path], result, image: Image.Image, mask: np.ndarray, *, save_grid: bool) -> list[Path]:
+    """Write each final image (atomically, so a killed run never leaves half a PNG) and, with
+    ``save_grid``, its ``<stem>_grid.png`` strip input | mask | LCG result | final; return the paths."""
+    written: list[Path] = []
+    mask_image = Image.fromarray((np.asarray(mask, np.float32) * 255).astype(np.uint8), mode="L")
+    for i, (path, final) in enumerate(zip(paths, result.images)):
+        atomic_save_image(final, path)
+        written.append(path)
+        if save_grid:
+            lcg = result.lcg_images[i] if result.lcg_images is not None else image
+            grid_path = path.with_name(f"{path.stem}_grid.png")
+            atomic_save_image(image_strip([image, mask_image, lcg, final]), grid_path)
+            written.append(grid_path)
+    return written
+
+
 def run_inpaint(cfg: DictConfig) -> list[Path]:
     """Inpaint ``cfg.image`` inside ``cfg.mask`` following ``cfg.prompt``; return the written files.
 
@@ -211,16 +227,7 @@ def run_inpaint(cfg: DictConfig) -> list[Path]:
     )
 
     # 4. Write outputs atomically
-    written: list[Path] = []
-    mask_image = Image.fromarray((mask * 255).astype(np.uint8), mode="L")
-    for i, (path, final) in enumerate(zip(paths, result.images)):
-        atomic_save_image(final, path)
-        written.append(path)
-        if cfg.save_grid:
-            lcg = result.lcg_images[i] if result.lcg_images is not None else image
-            grid_path = path.with_name(f"{path.stem}_grid.png")
-            atomic_save_image(image_strip([image, mask_image, lcg, final]), grid_path)
-            written.append(grid_path)
+    written = write_outputs(paths, result, image, mask, save_grid=bool(cfg.save_grid))
     log.info(
         "wrote %s (λ=%.2f: %d LCG + %d GCH steps, crop %s, TAS %s)",
         ", ".join(str(p) for p in written), lambda_, result.lcg_steps, steps - result.lcg_steps,

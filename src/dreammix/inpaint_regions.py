@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from dreammix.atomic import atomic_save_image
 from dreammix.cli import config_value
 from dreammix.data.images import load_image, load_mask
 from dreammix.errors import DreamMixError
-from dreammix.imaging import image_strip
 from dreammix.multi_region import Region, check_disjoint
 
 log = logging.getLogger(__name__)
@@ -80,7 +77,7 @@ def _check_sampler(cfg: DictConfig) -> None:
 def run_inpaint_regions(cfg: DictConfig) -> list[Path]:
     """Inpaint every region of ``cfg.image``; write ``cfg.out`` (``<stem>_<i>.png`` for N images) and,
     with ``save_grid``, ``<stem>[_<i>]_grid.png``: input | all masks | LCG result | final."""
-    from dreammix.inpaint import SCHEDULERS, load_pipeline, output_paths, set_scheduler
+    from dreammix.inpaint import SCHEDULERS, load_pipeline, output_paths, set_scheduler, write_outputs
     from dreammix.adm import resolve_device
 
     for key in ("mask", "prompt", "lora"):
@@ -117,16 +114,7 @@ def run_inpaint_regions(cfg: DictConfig) -> list[Path]:
         feather_radius=cfg.dif.get("feather_radius"),
     )  # fmt: skip
 
-    written: list[Path] = []
     union = np.maximum.reduce([np.asarray(r.mask, np.float32) for r in regions])
-    mask_image = Image.fromarray((union * 255).astype(np.uint8), mode="L")
-    for i, (path, final) in enumerate(zip(paths, result.images)):
-        atomic_save_image(final, path)
-        written.append(path)
-        if cfg.save_grid:
-            lcg = result.lcg_images[i] if result.lcg_images is not None else image
-            grid_path = path.with_name(f"{path.stem}_grid.png")
-            atomic_save_image(image_strip([image, mask_image, lcg, final]), grid_path)
-            written.append(grid_path)
+    written = write_outputs(paths, result, image, union, save_grid=bool(cfg.save_grid))
     log.info("wrote %s (%d regions, λ=%.2f, crops %s)", ", ".join(map(str, written)), len(regions), lambda_, result.crop_boxes)
     return written
