@@ -407,7 +407,7 @@ def make_app(cfg: DictConfig) -> InpaintApp:
     import torch
 
     from dreammix.adm import resolve_device
-    from dreammix.inpaint import load_pipeline, set_scheduler
+    from dreammix.inference_setup import load_pipeline, set_scheduler
 
     spec = AppSpec.from_config(cfg)
     loras = find_loras(spec.lora_roots)

@@ -54,6 +54,7 @@ from dreammix.benchmark.staleness import drop_stale, write_sidecar
 from dreammix.cli import config_value
 from dreammix.errors import DreamMixError
 from dreammix.eval_wandb import EvalTracker
+from dreammix.inference_setup import load_base_pipeline  # noqa: F401 - also this module's API
 from dreammix.paths import check_own_folder, ensure_writable_dir
 from dreammix.validation import check_lora_file
 
@@ -233,24 +234,6 @@ def eliminate_words(cfg: DictConfig, cases: Sequence[Case]) -> dict[str, list[st
             cache[case.prompt] = list(resolve_eliminate(cfg, case.prompt))
         words[case.case_id] = cache[case.prompt]
     return words
-
-
-def load_base_pipeline(cfg: DictConfig):
-    """The base model (SDXL inpainting or Fooocus) of ``cfg.model`` as a DreamMix pipeline on
-    ``cfg.device``, without a LoRA; :func:`prepare_pipeline` makes it ready for one run."""
-    import torch
-
-    from dreammix.adm import resolve_device
-    from dreammix.models.loading import load_pipeline, model_spec_from_config, resolve_dtype
-    from dreammix.pipeline import DreamMixInpaintPipeline
-
-    device = torch.device(resolve_device(str(cfg.get("device", "auto"))))
-    spec = model_spec_from_config(cfg.model)
-    base = load_pipeline(spec, resolve_dtype(spec.weight_dtype, device))
-    pipe = base if isinstance(base, DreamMixInpaintPipeline) else DreamMixInpaintPipeline.from_base(base)
-    pipe.to(device)
-    pipe._dreammix_default_scheduler = pipe.scheduler
-    return pipe
 
 
 def prepare_pipeline(pipe, cfg: DictConfig):

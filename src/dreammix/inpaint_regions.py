@@ -66,7 +66,7 @@ def _check_sampler(cfg: DictConfig) -> None:
         return
     import dataclasses
 
-    from dreammix.inpaint import sampler_spec
+    from dreammix.inference_setup import sampler_spec
     from dreammix.sampling import SamplerSpec
 
     if dataclasses.replace(sampler_spec(cfg), name="default") != SamplerSpec():
@@ -77,7 +77,7 @@ def _check_sampler(cfg: DictConfig) -> None:
 def run_inpaint_regions(cfg: DictConfig) -> list[Path]:
     """Inpaint every region of ``cfg.image``; write ``cfg.out`` (``<stem>_<i>.png`` for N images) and,
     with ``save_grid``, ``<stem>[_<i>]_grid.png``: input | all masks | LCG result | final."""
-    from dreammix.inpaint import SCHEDULERS, load_pipeline, output_paths, set_scheduler, write_outputs
+    from dreammix.inference_setup import SCHEDULERS, load_pipeline, output_paths, set_scheduler, write_outputs
     from dreammix.adm import resolve_device
 
     for key in ("mask", "prompt", "lora"):

@@ -237,8 +237,8 @@ def evaluate_multi(cfg: DictConfig, *, pipe=None, metric_suite=None) -> dict[str
 
     if any(not (run_dir / "images" / f"{c.case_id}.png").is_file() for c in cases):
         if pipe is None:
-            from dreammix.evaluate import load_base_pipeline
-            from dreammix.inpaint import set_scheduler
+            from dreammix.inference_setup import load_base_pipeline
+            from dreammix.inference_setup import set_scheduler
 
             pipe = load_base_pipeline(cfg)
             pipe.set_progress_bar_config(disable=not cfg.get("progress", False))
