@@ -23,6 +23,7 @@ TARGETS = {
     "dreammix.module": 0.80,
     "dreammix.data.frozen": 0.80,
     "dreammix.pipeline": 0.80,
+    "dreammix.pipeline_inputs": 0.80,  # split out of pipeline.py (image and mask normalisation, λ·T)
     "dreammix.metrics": 0.80,
 }
 KILLED = ("killed", "timeout")

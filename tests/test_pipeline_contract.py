@@ -133,3 +133,40 @@ def test_predict_x0_from_alphas_cumprod_before_the_first_step(pipe, scheduler_cl
     a = float(scheduler.alphas_cumprod[int(t)])
     expected = (x - (1 - a) ** 0.5 * pred) / a**0.5 if kind == "epsilon" else a**0.5 * x - (1 - a) ** 0.5 * pred
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_conditions_uses_the_given_identifier(pipe):
+    """A subject trained with another rare token (``adm.identifier=zwx``): that token, not
+    ``sks``, is the one that can never be eliminated."""
+    with pytest.raises(DreamMixError, match="cannot eliminate the identifier 'zwx'"):
+        pipe.encode_conditions("a photo of zwx red can", eliminate=["zwx can"], identifier="zwx")
+    conditions = pipe.encode_conditions("a photo of zwx red can", eliminate=["sks"], identifier="zwx")
+    assert conditions.key[2] == ("sks",)
+
+
+def test_encode_conditions_with_tas_context_equal_the_calls_own_encoding(pipe):
+    """``sampler.tas_context`` changes the TAS direction (the words encoded inside the context), so
+    conditions encoded ahead with it must be the ones the call builds with it, and conditions
+    encoded without it must be refused by a call that uses it (and the other way round)."""
+    from dreammix.sampling import SamplerSpec
+
+    from test_pipeline import _image, _mask
+
+    context = "a photo of a sks"
+    ahead = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0, tas_context=context)
+    own = pipe._encode_conditions(PROMPT, None, ["red"], ("local", "global"), 1, torch.device("cpu"), torch.float32, context)
+    plain = pipe._encode_conditions(PROMPT, None, ["red"], ("local", "global"), 1, torch.device("cpu"), torch.float32, None)
+    assert set(ahead.stages) == set(own)
+    for stage in own:
+        torch.testing.assert_close(ahead.stages[stage].embeds, own[stage].embeds)
+        torch.testing.assert_close(ahead.stages[stage].pooled, own[stage].pooled)
+    assert any(not torch.allclose(own[s].embeds, plain[s].embeds) for s in own)  # the context matters here
+    image, mask = _image(64, 64), _mask(64, 64, (16, 48), (16, 48))
+    common = dict(eliminate=["red"], guidance_scale=5.0, num_inference_steps=2, lambda_=0.5, output_type="latent")
+    with_context = SamplerSpec(tas_context=context)
+    pipe(image, mask, PROMPT, conditions=ahead, sampler=with_context, generator=torch.Generator().manual_seed(0), **common)
+    with pytest.raises(DreamMixError, match="tas_context than this call's"):
+        pipe(image, mask, PROMPT, conditions=ahead, generator=torch.Generator().manual_seed(0), **common)
+    without = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0)
+    with pytest.raises(DreamMixError, match="tas_context than this call's"):
+        pipe(image, mask, PROMPT, conditions=without, sampler=with_context, generator=torch.Generator().manual_seed(0), **common)

@@ -89,20 +89,29 @@ def test_height_width_resize_the_input_and_output(pipe):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,match,argument",
     [
-        (dict(strength=0.6), "strength must be 1.0"),
-        (dict(denoising_end=0.8), "'denoising_end' is not supported"),
-        (dict(padding_mask_crop=32), "'padding_mask_crop' is not supported"),
-        (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback tensor inputs"),
-        (dict(output_type="jpeg"), "output_type"),
-        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64)] * 3), "3 images for 2 prompts"),
+        (dict(strength=0.6), "strength must be 1.0", "strength"),
+        (dict(denoising_end=0.8), "'denoising_end' is not supported", "denoising_end"),
+        (dict(padding_mask_crop=32), "'padding_mask_crop' is not supported", "padding_mask_crop"),
+        (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback tensor inputs", "callback_on_step_end_tensor_inputs"),
+        (dict(output_type="jpeg"), "output_type", "output_type"),
+        (dict(height=4), "height must be an integer >= 8", "height"),
+        (dict(width=64.0), "width must be an integer >= 8", "width"),
+        (dict(prompt=[]), "prompt list is empty", "prompt"),
+        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64)] * 3), "3 images for 2 prompts", "image"),
+        (dict(prompt=[PROMPT, PROMPT], mask=[_mask(64, 64, (16, 40), (16, 40))]), "1 mask_images for 2 prompts", "mask_image"),
+        (dict(prompt=[PROMPT, PROMPT], generator=[torch.Generator()] * 3), "3 generators for 2 images", "generator"),
+        (dict(prompt=[PROMPT, PROMPT], conditions=object()), "conditions= takes one prompt", "conditions"),
+        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64), _image(48, 48)], mask=[_mask(64, 64, (16, 40), (16, 40)), _mask(48, 48, (8, 30), (8, 30))],
+              output_type="np"), "outputs of different sizes", "output_type"),
     ],
 )
-def test_what_dif_cannot_honour_is_a_value_error(pipe, kwargs, match):
+def test_what_dif_cannot_honour_is_a_value_error_naming_the_argument(pipe, kwargs, match, argument):
     with pytest.raises(ValueError, match=match) as err:
         _call(pipe, **kwargs)
     assert "\n" not in str(err.value)
+    assert err.value.where == argument  # the CLI's one-line error names the argument to fix
 
 
 def test_unknown_keyword_is_a_type_error(pipe):
