@@ -80,6 +80,26 @@ def test_prompt_lists_broadcast_or_pair_images(pipe):
     assert len(broadcast.images) == 4 and len(broadcast.crop_box) == 2
 
 
+def test_prompt_list_outputs_are_each_prompts_outputs_in_order(pipe):
+    """The tensor, the LCG images, the boxes and k of a prompt list are those of one call per
+    prompt, in prompt order, also as the ``return_dict=False`` tuple."""
+    a, b = _image(64, 64, seed=1), _image(64, 64, seed=2)
+    masks = [_mask(64, 64, (16, 40), (16, 40)), _mask(64, 64, (8, 30), (30, 60))]
+    prompts = [PROMPT, "a photo of sks blue can"]
+    singles = [_call(pipe, p, image=im, mask=m, seed=s, output_type="pt") for p, im, m, s in zip(prompts, (a, b), masks, (5, 6))]
+    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    images, lcg, boxes, k = _call(pipe, prompts, image=[a, b], mask=masks, generator=gens, output_type="pt", return_dict=False)
+    assert isinstance(images, torch.Tensor)
+    torch.testing.assert_close(images, torch.cat([o.images for o in singles]), rtol=0, atol=0)
+    assert boxes == [o.crop_box for o in singles] and boxes[0] != boxes[1]
+    assert k == singles[0].lcg_steps == 2  # λ = 0.5 of 4 steps
+    assert len(lcg) == 2
+    for got, single in zip(lcg, singles):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(single.lcg_images[0]))
+    none = _call(pipe, prompts, image=a, mask=masks[0], lambda_=0.0, output_type="np")
+    assert none.lcg_images is None and none.lcg_steps == 0
+
+
 def test_height_width_resize_the_input_and_output(pipe):
     image, mask = _image(48, 80), _mask(48, 80, (10, 30), (20, 50))
     out = _call(pipe, image=image, mask=mask, height=64, width=64).images[0]
@@ -103,7 +123,7 @@ def test_height_width_resize_the_input_and_output(pipe):
         (dict(prompt=[PROMPT, PROMPT], mask=[_mask(64, 64, (16, 40), (16, 40))]), "1 mask_images for 2 prompts", "mask_image"),
         (dict(prompt=[PROMPT, PROMPT], generator=[torch.Generator()] * 3), "3 generators for 2 images", "generator"),
         (dict(prompt=[PROMPT, PROMPT], conditions=object()), "conditions= takes one prompt", "conditions"),
-        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64), _image(48, 48)], mask=[_mask(64, 64, (16, 40), (16, 40)), _mask(48, 48, (8, 30), (8, 30))],
+        (dict(prompt=[PROMPT, PROMPT], image=[_image(64, 64), _image(48, 64)], mask=[_mask(64, 64, (16, 40), (16, 40)), _mask(48, 64, (8, 30), (8, 30))],
               output_type="np"), "outputs of different sizes", "output_type"),
     ],
 )
