@@ -3,6 +3,7 @@ where DIF can honour them (prompt lists, output types, diffusers' step-end callb
 and refuses the rest with a ValueError (issue 15)."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -137,3 +138,27 @@ def test_what_dif_cannot_honour_is_a_value_error_naming_the_argument(pipe, kwarg
 def test_unknown_keyword_is_a_type_error(pipe):
     with pytest.raises(TypeError, match="no_such_argument"):
         _call(pipe, no_such_argument=1)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (40, 104), (96, 160)])
+def test_height_width_resize_like_diffusers_image_and_mask_processors(size):
+    """``height``/``width`` resize the image and the mask as ``StableDiffusionXLInpaintPipeline``
+    does (its ``image_processor`` and binarizing ``mask_processor``: Lanczos, mask cut at 0.5):
+    pixel for pixel, also across a thin mask stroke that resampling smears."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from dreammix.pipeline_inputs import _as_binary_mask
+
+    h, w = size
+    image = _image(48, 80, seed=3)
+    mask = np.zeros((48, 80), np.uint8)
+    mask[10:31, 17:53] = 255
+    mask[35:40, 60:62] = 255  # a 2-pixel stroke
+    mask = PIL.Image.fromarray(mask)
+    got_image, got_mask = DreamMixInpaintPipeline._resized_inputs(image, mask, h, w)
+    image_processor = VaeImageProcessor(vae_scale_factor=8)
+    mask_processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    expected_image = image_processor.preprocess(image, height=h, width=w)[0].permute(1, 2, 0).numpy()
+    expected_mask = mask_processor.preprocess(mask, height=h, width=w)[0, 0].numpy()
+    np.testing.assert_array_equal(np.asarray(got_image, np.float32) / 127.5 - 1, expected_image)
+    np.testing.assert_array_equal(_as_binary_mask(got_mask), expected_mask)
