@@ -170,3 +170,41 @@ def test_encode_conditions_with_tas_context_equal_the_calls_own_encoding(pipe):
     without = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0)
     with pytest.raises(DreamMixError, match="tas_context than this call's"):
         pipe(image, mask, PROMPT, conditions=without, sampler=with_context, generator=torch.Generator().manual_seed(0), **common)
+
+
+@pytest.mark.parametrize(
+    "vae_dtype,options",
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"blend": False}), (torch.bfloat16, {"start": "fill_noise"})],
+)
+def test_a_bf16_pipeline_runs_in_bf16_and_follows_the_fp32_result(tiny_model_dir, vae_dtype, options):
+    """The default precision (UNet and text encoders in bf16, the VAE read into fp32 by
+    ``load_pipeline``) and an all-bf16 pipeline: every tensor handed to a module must be cast to
+    that module's dtype, the latents stay in the UNet's dtype, and the image follows the fp32 run
+    within bf16's rounding; also on the paths that encode images alone (no blending: the masked
+    image; ``sampler.start=fill_noise``: the filled image)."""
+    import numpy as np
+
+    from dreammix.sampling import SamplerSpec
+    from test_pipeline import _image, _mask
+
+    sampler = SamplerSpec(start=options["start"]) if "start" in options else None
+    blend = options.get("blend", True)
+
+    def run(pipe, **kw):
+        return pipe(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), PROMPT, eliminate=["red"], num_inference_steps=3,
+                    lambda_=0.5, generator=torch.Generator().manual_seed(0), blend=blend, sampler=sampler, **kw)  # fmt: skip
+
+    fp32 = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    fp32.set_progress_bar_config(disable=True)
+    bf16 = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    bf16.set_progress_bar_config(disable=True)
+    for module in (bf16.unet, bf16.text_encoder, bf16.text_encoder_2):
+        module.to(torch.bfloat16)
+    bf16.vae.to(vae_dtype)
+    latents = run(bf16, output_type="latent").images
+    assert latents.dtype == torch.bfloat16
+    assert bf16.vae.dtype == vae_dtype  # no silent upcast of a bf16 VAE (only fp16 + force_upcast is)
+    got = np.asarray(run(bf16, output_type="np").images, np.float64)
+    expected = np.asarray(run(fp32, output_type="np").images, np.float64)
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).mean() < 0.02  # bf16 keeps 8 bits of mantissa: ~1 % per op

@@ -148,30 +148,50 @@ def test_sharpness_acts_on_the_positive_half_every_step(tiny_pipe, monkeypatch):
     assert not torch.allclose(plain, sharp)
 
 
-def test_sharpness_gets_the_text_half_and_its_x0_from_the_unet_call(tiny_pipe, monkeypatch):
-    """Inside the loop: the blend gets the UNet's *text* half of the CFG batch and the x₀ of that
-    half in the VE form, x₀ = x − σ·ε with x = model input · sqrt(1 + σ²) (Euler's input scaling)."""
+@pytest.mark.parametrize("scheduler,guidance", [("euler", 3.0), ("euler", 1.0), ("ddim", 3.0)])
+def test_sharpness_gets_the_text_half_and_its_x0_from_the_unet_call(tiny_model_dir, monkeypatch, scheduler, guidance):
+    """Inside the loop: the blend gets the UNet's *text* half of the CFG batch (the whole output
+    without CFG) and the x₀ of that half in the VE form, x₀ = x − σ·ε with x = model input ·
+    sqrt(1 + σ²): σ is Euler's own ``sigmas[i]``, and sqrt((1 − ᾱ_t)/ᾱ_t) at the step's t for a
+    scheduler without σs (DDIM, whose model input is the VP x_t = x / sqrt(1 + σ²))."""
     import dreammix.sampling as sampling
+    from diffusers import DDIMScheduler
 
-    seen, outs = [], []
+    from dreammix.pipeline import DreamMixInpaintPipeline
+
+    pipe = DreamMixInpaintPipeline.from_pretrained(str(tiny_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    seen, outs, steps = [], [], []
     real = sampling.sharpen_noise_pred
     monkeypatch.setattr(sampling, "sharpen_noise_pred", lambda eps, x0, t, s, n: seen.append((eps, x0)) or real(eps, x0, t, s, n))
-    spy = UnetSpy(tiny_pipe.unet)
-    hook = tiny_pipe.unet.register_forward_hook(lambda m, a, out: outs.append(out[0].detach().clone()))
+    spy = UnetSpy(pipe.unet)
+    hook = pipe.unet.register_forward_hook(lambda m, a, out: outs.append(out[0].detach().clone()))
+    step_hook = pipe.unet.register_forward_pre_hook(lambda m, a: steps.append(float(a[1])))
     image, mask = _image_and_mask()
     try:
-        tiny_pipe(image=image, mask_image=mask, prompt="a sks can", num_inference_steps=3, lambda_=0.0, guidance_scale=3.0,
-                  output_type="latent", generator=torch.Generator().manual_seed(0), sampler=SamplerSpec(sharpness=300.0))  # fmt: skip
+        pipe(image=image, mask_image=mask, prompt="a sks can", num_inference_steps=3, lambda_=0.0, guidance_scale=guidance,
+             output_type="latent", generator=torch.Generator().manual_seed(0), sampler=SamplerSpec(sharpness=300.0))  # fmt: skip
     finally:
         spy.remove()
         hook.remove()
+        step_hook.remove()
     assert len(seen) == len(outs) == 3
-    sigmas = tiny_pipe.scheduler.sigmas  # Euler: the VE σ of each step
-    for i, ((eps, x0), out, call) in enumerate(zip(seen, outs, spy.calls)):
-        uncond, text = out.chunk(2)  # CFG batch = [negative, positive]
-        assert torch.equal(eps, text) and not torch.allclose(text, uncond)
-        sigma = float(sigmas[i])
-        x = call["sample"][1:, :4] * math.sqrt(1 + sigma**2)
+    for i, ((eps, x0), out, call, t) in enumerate(zip(seen, outs, spy.calls, steps)):
+        if guidance > 1:
+            uncond, text = out.chunk(2)  # CFG batch = [negative, positive]
+            assert not torch.allclose(text, uncond)
+            sample = call["sample"][1:, :4]
+        else:
+            text, sample = out, call["sample"][:, :4]
+        assert torch.equal(eps, text)
+        if scheduler == "euler":
+            sigma = float(pipe.scheduler.sigmas[i])
+        else:
+            a = float(pipe.scheduler.alphas_cumprod[int(t)])
+            sigma = math.sqrt((1 - a) / a)
+        x = sample * math.sqrt(1 + sigma**2)
         torch.testing.assert_close(x0, x - sigma * text, rtol=0, atol=1e-5)
 
 
