@@ -208,3 +208,33 @@ def test_a_bf16_pipeline_runs_in_bf16_and_follows_the_fp32_result(tiny_model_dir
     expected = np.asarray(run(fp32, output_type="np").images, np.float64)
     assert np.isfinite(got).all()
     assert np.abs(got - expected).mean() < 0.02  # bf16 keeps 8 bits of mantissa: ~1 % per op
+
+
+_TO_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+
+
+@pytest.mark.parametrize(
+    "tensors,expected",
+    [
+        ({"foo": torch.zeros(2, 2)}, "Invalid LoRA checkpoint"),
+        ({"unet.foo.lora_A.weight": torch.zeros(2, 2), "unet.foo.lora_B.weight": torch.zeros(2, 2)}, "Target modules {'foo'} not found"),
+        ({"lora_unet_foo.lora_down.weight": torch.zeros(2, 2), "lora_unet_foo.lora_up.weight": torch.zeros(2, 2)}, "not found"),
+        ({f"{_TO_K}.lora_A.weight": torch.zeros(4), f"{_TO_K}.lora_B.weight": torch.zeros(4)}, "malformed LoRA weights (IndexError"),
+        ({f"{_TO_K}.lora_A.weight": torch.zeros(4, 32)}, "malformed LoRA weights (IndexError"),
+    ],
+    ids=["no-lora-keys", "unknown-module", "kohya-unknown-module", "one-dimensional", "lora_A-without-lora_B"],
+)
+def test_a_malformed_lora_file_is_one_error_line_naming_the_folder(tiny_model_dir, tmp_path, tensors, expected):
+    """Hostile or broken LoRA files (readable, finite, but not a LoRA of this model) end in one
+    DreamMixError that names the folder and says what diffusers/peft found, never a traceback."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    save_file(tensors, str(folder / "pytorch_lora_weights.safetensors"))
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    with pytest.raises(DreamMixError) as err:
+        p.load_subject_lora(folder)
+    assert err.value.where == str(folder)
+    assert err.value.what.startswith("cannot load LoRA: ") and expected in err.value.what
+    assert "\n" not in str(err.value)

@@ -269,11 +269,12 @@ def test_pipeline_refuses_nan_and_foreign_loras_and_never_returns_nan_pixels(tmp
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         cfg = compose("inpaint", ["model=tiny", f"model.pretrained={tiny_model_dir}", "image=x", "mask=x", "prompt=x"])
     pipe = load_pipeline(cfg, torch.device("cpu"))
-    with pytest.raises(DreamMixError, match="NaN or infinite"):
+    with pytest.raises(DreamMixError, match="NaN or infinite") as err:
         pipe.load_subject_lora(_nan_lora(tiny_model_dir, tmp_path / "nan"))
+    assert err.value.where == str(tmp_path / "nan")
     with pytest.raises(DreamMixError, match="do not fit this base model") as err:
         pipe.load_subject_lora(foreign)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and err.value.where == str(foreign)
     pipe.load_subject_lora(good)
     with torch.no_grad():
         next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n).fill_(float("nan"))

@@ -185,8 +185,12 @@ class DreamMixInpaintPipeline(StableDiffusionXLInpaintPipeline):
         check_lora_file(path / LORA_WEIGHTS_NAME, str(path))  # unreadable or NaN weights: refused
         try:
             self.load_lora_weights(str(path), adapter_name=adapter_name)
-        except (ValueError, KeyError, OSError, RuntimeError) as exc:  # RuntimeError: LoRA of another base (size mismatch)
+        # RuntimeError: a LoRA of another base (size mismatch); IndexError / TypeError / AttributeError:
+        # diffusers' converters on malformed files (a lora_A without its lora_B, 1-d "matrices")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, OSError, RuntimeError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            if isinstance(exc, (IndexError, TypeError, AttributeError)):
+                message = f"malformed LoRA weights ({exc.__class__.__name__}: {message})"
             if "size mismatch" in str(exc):
                 message = "its tensor shapes do not fit this base model (a LoRA trained on another model?)"
             raise DreamMixError(f"cannot load LoRA: {message}", str(path)) from exc
