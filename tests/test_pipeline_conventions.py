@@ -108,6 +108,10 @@ def test_height_width_resize_the_input_and_output(pipe):
     pre_image, pre_mask = pipe._resized_inputs(image, mask, 64, 64)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(_call(pipe, image=pre_image, mask=pre_mask).images[0]))
 
+    # one of the two given: the other keeps the input's size
+    assert _call(pipe, image=image, mask=mask, height=64).images[0].size == (80, 64)
+    assert _call(pipe, image=image, mask=mask, width=64).images[0].size == (64, 48)
+
 
 @pytest.mark.parametrize(
     "kwargs,match,argument",
