@@ -142,6 +142,11 @@ def test_encode_conditions_uses_the_given_identifier(pipe):
         pipe.encode_conditions("a photo of zwx red can", eliminate=["zwx can"], identifier="zwx")
     conditions = pipe.encode_conditions("a photo of zwx red can", eliminate=["sks"], identifier="zwx")
     assert conditions.key[2] == ("sks",)
+    from test_pipeline import _image, _mask
+
+    with pytest.raises(DreamMixError, match="cannot eliminate the identifier 'zwx'"):  # the call checks it too
+        pipe(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), "a photo of zwx red can", eliminate=["zwx can"], identifier="zwx",
+             num_inference_steps=1)  # fmt: skip
 
 
 def test_encode_conditions_with_tas_context_equal_the_calls_own_encoding(pipe):
