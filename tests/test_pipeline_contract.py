@@ -243,3 +243,34 @@ def test_a_malformed_lora_file_is_one_error_line_naming_the_folder(tiny_model_di
     assert err.value.where == str(folder)
     assert err.value.what.startswith("cannot load LoRA: ") and expected in err.value.what
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_and_its_rescale_are_diffusers_cfg_of_the_unet_output(tiny_model_dir, monkeypatch, rescale):
+    """Every scheduler step gets uncond + g·(text − uncond) of that step's UNet output, then
+    ``guidance_rescale`` through diffusers' own ``rescale_noise_cfg`` (Lin et al., 2023)."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import rescale_noise_cfg
+
+    from test_pipeline import _image, _mask
+
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    outs, steps = [], []
+    hook = p.unet.register_forward_hook(lambda m, a, out: outs.append(out[0].detach().clone()))
+    real_step = p.scheduler.step
+    monkeypatch.setattr(p.scheduler, "step", lambda noise_pred, *a, **k: steps.append(noise_pred.clone()) or real_step(noise_pred, *a, **k))
+    try:
+        p(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), PROMPT, num_inference_steps=3, lambda_=0.5, guidance_scale=4.0,
+          guidance_rescale=rescale, generator=torch.Generator().manual_seed(0), output_type="latent")  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(outs) == len(steps) == 3
+    for out, got in zip(outs, steps):
+        uncond, text = out.chunk(2)
+        expected = uncond + 4.0 * (text - uncond)
+        if rescale:
+            expected = rescale_noise_cfg(expected, text, guidance_rescale=rescale)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    if rescale:
+        plain = outs[0].chunk(2)
+        assert not torch.allclose(steps[0], plain[0] + 4.0 * (plain[1] - plain[0]), atol=1e-4)  # the rescale shows
