@@ -3,6 +3,9 @@ pipeline, the LoRA scale, the text-conditioning checks and cache key, the VAE po
 the x₀ formula's fallback branch. Expected values come from diffusers / peft / safetensors, or from
 the formulas written out here."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionXLInpaintPipeline
@@ -274,3 +277,70 @@ def test_guidance_and_its_rescale_are_diffusers_cfg_of_the_unet_output(tiny_mode
     if rescale:
         plain = outs[0].chunk(2)
         assert not torch.allclose(steps[0], plain[0] + 4.0 * (plain[1] - plain[0]), atol=1e-4)  # the rescale shows
+
+
+def _unet_sample_shapes(p, **kwargs):
+    from test_pipeline import _image, _mask
+
+    shapes = []
+    hook = p.unet.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape[-2:])))
+    try:
+        out = p(_image(48, 96), _mask(48, 96, (12, 36), (20, 52)), PROMPT, num_inference_steps=2, lambda_=0.5,
+                generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
+    finally:
+        hook.remove()
+    return shapes, out
+
+
+@pytest.mark.parametrize("resolution", [None, 32, 96])
+def test_resolution_sets_the_area_both_stages_are_denoised_at(pipe, resolution):
+    """``resolution`` (default: UNet sample size × VAE factor) is the side of the square of equal
+    area that each stage runs at (SDXL's ~1 MP buckets): LCG on the crop box, GCH on the whole
+    image, both at their own aspect ratio in multiples of the UNet's down-sampling (here 16)."""
+    shapes, out = _unet_sample_shapes(pipe, resolution=resolution)
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    left, top, right, bottom = out.crop_box
+    for (h, w), (bw, bh) in zip((shapes[0], shapes[1]), ((right - left, bottom - top), (96, 48))):
+        s = side / math.sqrt(bw * bh)
+        expected = [max(16, int(math.floor(v * s / 16 + 0.5)) * 16) // 8 for v in (bh, bw)]
+        assert [h, w] == expected, (resolution, (h, w), expected)
+
+
+def test_default_feather_radius_is_half_a_latent_cell_at_the_input_size(pipe):
+    """feather_radius=None: ceil(vae_factor/2 × input/processing size) pixels, the ratio the
+    larger of the two sides' (here a 96×48 input processed at 48×16: ratio 3, radius 12),
+    bit-identical to passing it."""
+    from test_pipeline import _image, _mask
+
+    def run(**kw):
+        return np.asarray(pipe(_image(48, 96), _mask(48, 96, (12, 36), (20, 52)), PROMPT, num_inference_steps=2, lambda_=0.5,
+                               generator=torch.Generator().manual_seed(0), resolution=32, **kw).images[0])  # fmt: skip
+
+    full_w, full_h = 48, 16  # processing_size(96, 48, 32, 16): area 32², aspect 2:1, multiples of 16
+    ratio = max(96 / full_w, 48 / full_h)
+    radius = max(1, math.ceil(pipe.vae_scale_factor * ratio / 2))
+    assert radius == 12
+    default = run()
+    np.testing.assert_array_equal(default, run(feather_radius=radius))
+    assert not np.array_equal(default, run(feather_radius=radius // 2))
+
+
+def test_cross_attention_kwargs_scale_scales_the_subject_lora(tiny_model_dir, tmp_path):
+    """diffusers' way to weaken a LoRA per call: ``cross_attention_kwargs={"scale": s}``; 0 gives
+    the base model's image, 1 the adapter's."""
+    from test_pipeline import _image, _mask
+
+    p = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    p.load_subject_lora(make_real_lora(tiny_model_dir, tmp_path / "lora"))
+
+    def run(**kw):
+        return p(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), PROMPT, num_inference_steps=2, lambda_=0.5,
+                 generator=torch.Generator().manual_seed(0), output_type="latent", **kw).images  # fmt: skip
+
+    full = run()
+    with p.adapter_disabled():
+        base = run()
+    assert not torch.allclose(full, base)
+    torch.testing.assert_close(run(cross_attention_kwargs={"scale": 0.0}), base)
+    torch.testing.assert_close(run(cross_attention_kwargs={"scale": 1.0}), full)
