@@ -177,6 +177,24 @@ def test_min_snr_gamma_weights_each_sample_by_min_snr_over_snr(tiny_model_dir):
     assert not torch.allclose(loss_w, loss)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_per_prediction_type(tiny_model_dir, prediction_type):
+    """w(t) = min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v (the v target's own SNR + 1
+    scale; diffusers' train_text_to_image.py), SNR from the scheduler's DDPM betas."""
+    from diffusers import DDPMScheduler
+
+    module, _ = _module(tiny_model_dir, noise=NoiseSpec(snr_gamma=5.0))
+    module.noise_scheduler = DDPMScheduler.from_config(module.noise_scheduler.config, prediction_type=prediction_type)
+    cfg = module.noise_scheduler.config
+    t = torch.tensor([0, 50, 200, 500, 999])
+    betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+    alphas_bar = torch.cumprod(1 - betas, 0)[t]
+    snr = alphas_bar / (1 - alphas_bar)
+    clipped = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    torch.testing.assert_close(module.min_snr_weights(t), expected.float(), rtol=1e-4, atol=0)  # fp32 ᾱ
+
+
 def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_model_dir):
     plain, _ = _module(tiny_model_dir)
     offset, _ = _module(tiny_model_dir, noise=NoiseSpec(offset=0.1))
