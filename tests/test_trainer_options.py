@@ -94,6 +94,35 @@ def test_optimizers_are_built_from_the_config(tiny_model_dir):
     assert any((p.detach() - b).abs().max() > 0 for p, b in zip(module.lora_params, before))
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_kernels_only_on_cuda(name):
+    p = torch.nn.Parameter(torch.ones(3))
+    assert OptimSpec(name=name, fused=True).build([p], "cuda").defaults["fused"] is True
+    assert not OptimSpec(name=name, fused=True).build([p], "cpu").defaults["fused"]
+    assert not OptimSpec(name=name, fused=False).build([p], "cuda").defaults["fused"]
+
+
+def test_warmup_is_a_per_step_linear_ramp_lightning_accepts(tiny_model_dir):
+    """``optim.warmup_steps=w``: lr·min(1, (k+1)/(w+1)) at optimizer step k, stepped every
+    optimizer step (Lightning's ``interval: step``, checked by Lightning's own parser); 0 = a
+    constant lr and no scheduler."""
+    from lightning.pytorch.core.optimizer import _configure_optimizers
+
+    module, _ = _module(tiny_model_dir, optim=OptimSpec(lr=1e-3, warmup_steps=3))
+    optimizers, schedulers, _ = _configure_optimizers(module.configure_optimizers())
+    assert len(optimizers) == 1 and len(schedulers) == 1 and schedulers[0]["interval"] == "step"
+    scheduler = schedulers[0]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizers[0].param_groups[0]["lr"])
+        optimizers[0].step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-3 * min(1.0, (k + 1) / 4) for k in range(6)])
+    constant, _ = _module(tiny_model_dir, optim=OptimSpec(lr=1e-3))
+    optimizers, schedulers, _ = _configure_optimizers(constant.configure_optimizers())
+    assert schedulers == [] and optimizers[0].param_groups[0]["lr"] == 1e-3
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
