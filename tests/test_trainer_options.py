@@ -246,3 +246,31 @@ def test_a_dora_checkpoint_does_not_resume_into_a_plain_lora(tiny_model_dir):
     plain, _ = _module(tiny_model_dir)
     with pytest.raises(DreamMixError, match="does not match the configured LoRA"):
         plain.on_load_checkpoint(checkpoint)
+
+
+def _kinds(module, numbers):
+    batch = {"source": {"latents": torch.zeros(1)}, "regular": {"latents": torch.zeros(1)}}
+    return ["regular" if module._batch_parts(batch, b)[0] is None else "source" for b in numbers]
+
+
+def test_sampled_regular_steps_depend_only_on_seed_and_batch_number(tiny_model_dir):
+    """``loss.regular_mode=sampled`` (the public code): each step is regular with probability
+    ``regular_prob``, drawn from (seed, micro-batch number) alone, so a run resumed at batch 120
+    sees the kinds the uninterrupted run saw there, whatever ran before in the process."""
+    from diffusers import DDPMScheduler
+
+    from dreammix.models.loading import ModelSpec, load_inpaint_pipeline
+    from dreammix.module import DreamMixLoRAModule
+
+    def module(seed):
+        pipe = load_inpaint_pipeline(ModelSpec(name="tiny", pretrained=str(tiny_model_dir), resolution=64))
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return DreamMixLoRAModule(pipe.unet, scheduler, LoraSpec(), LossSpec(beta=0.4, regular_mode="sampled", regular_prob=0.4),
+                                  OptimSpec(), seed=seed)  # fmt: skip
+
+    full = _kinds(module(3), range(1000))
+    resumed = module(3)
+    torch.rand(5)  # anything else drawing from the global RNG in between
+    assert _kinds(resumed, range(120, 1000)) == full[120:]
+    assert 0.35 < full.count("regular") / len(full) < 0.45  # p = 0.4, 1000 draws: ± 3 σ
+    assert _kinds(module(4), range(1000)) != full
