@@ -235,6 +235,8 @@ def test_noise_offset_adds_a_per_channel_constant_to_the_noise(tiny_model_dir):
     per_channel = shift[:, :, :1, :1]
     torch.testing.assert_close(shift, per_channel.expand_as(shift))  # constant over the image
     assert per_channel.abs().min() > 0 and 0.02 < per_channel.std() < 0.5  # 0.1 · N(0, 1), 12 draws
+    noisy, _, eps = offset._noise_and_target(latents.bfloat16(), torch.Generator().manual_seed(7))
+    assert noisy.dtype == eps.dtype == torch.bfloat16  # the shift does not promote bf16 training to fp32
 
 
 def test_a_dora_checkpoint_does_not_resume_into_a_plain_lora(tiny_model_dir):
