@@ -276,3 +276,20 @@ def test_sampled_regular_steps_depend_only_on_seed_and_batch_number(tiny_model_d
     assert _kinds(resumed, range(120, 1000)) == full[120:]
     assert 0.35 < full.count("regular") / len(full) < 0.45  # p = 0.4, 1000 draws: ± 3 σ
     assert _kinds(module(4), range(1000)) != full
+
+
+def test_spec_bounds_accept_their_edges_and_refuse_beyond(monkeypatch):
+    import sys
+
+    for ok in (NoiseSpec(offset=0.0, snr_gamma=0.0), NoiseSpec(offset=0.05, snr_gamma=0.5), NoiseSpec(snr_gamma=5.0)):
+        assert ok.snr_gamma >= 0
+    with pytest.raises(DreamMixError, match="snr_gamma must be >= 0"):
+        NoiseSpec(snr_gamma=-0.5)
+    with pytest.raises(DreamMixError, match="noise offset must be >= 0"):
+        NoiseSpec(offset=-0.01)
+    with pytest.raises(DreamMixError, match="lr must be > 0"):
+        OptimSpec(lr=0.0)
+    assert OptimSpec(lr=1e-12).lr == 1e-12
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if it were not installed
+    with pytest.raises(DreamMixError, match="Prodigy needs the prodigyopt package"):
+        OptimSpec(name="prodigy", lr=1.0)
