@@ -325,6 +325,7 @@ def test_reference_features_are_cached_per_image(tiny_dirs, reference_files, tmp
     first = scorer.reference_features(reference_files)
     second = scorer.reference_features(reference_files[::-1])
     assert calls == [3]  # one batched computation, then memory hits
+    assert (scorer.cache.misses, scorer.cache.hits) == (3, 3)
     assert torch.equal(second, first.flip(0))
     files = list(cache_dir.rglob("*.npy"))
     assert len(files) == 3

@@ -248,6 +248,11 @@ def test_a_dora_checkpoint_does_not_resume_into_a_plain_lora(tiny_model_dir):
     plain, _ = _module(tiny_model_dir)
     with pytest.raises(DreamMixError, match="does not match the configured LoRA"):
         plain.on_load_checkpoint(checkpoint)
+    # a checkpoint written before DoRA existed (no use_dora key) is a plain LoRA: it resumes
+    older = {"state_dict": {}, "dreammix_lora": {k: v for k, v in checkpoint["dreammix_lora"].items() if k != "use_dora"}}
+    plain.on_load_checkpoint(older)
+    with pytest.raises(DreamMixError, match="does not match the configured LoRA"):
+        dora.on_load_checkpoint(older)
 
 
 def _kinds(module, numbers):
