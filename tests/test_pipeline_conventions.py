@@ -38,16 +38,24 @@ def test_np_and_pt_outputs_equal_the_pil_output(pipe):
     np.testing.assert_array_equal(as_pt.permute(0, 2, 3, 1).numpy(), expected)
 
 
-@pytest.mark.parametrize("cutoff,batches", [(2, [2, 2, 2, 1]), (1, [2, 2, 1, 1]), (0, [2, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "cutoff,batches",
+    [(2, [2, 2, 2, 1]), (1, [2, 2, 1, 1]), (0, [2, 1, 1, 1]), ("ratio 0.5", [2, 2, 2, 1]), ("ratio 0.25", [2, 2, 1, 1])],
+)
 def test_diffusers_cfg_cutoff_callback_runs_through_both_stages(pipe, cutoff, batches):
     """diffusers' own SDXLCFGCutoffCallback (asks for prompt_embeds, add_text_embeds, add_time_ids):
-    after its step the UNet runs on the conditional half only, also in the stage that follows."""
+    after its step the UNet runs on the conditional half only, also in the stage that follows.
+    By ratio it reads ``pipeline.num_timesteps`` (the whole schedule: T = 4 here, both stages)."""
     from diffusers.callbacks import SDXLCFGCutoffCallback
 
+    if isinstance(cutoff, str):
+        callback = SDXLCFGCutoffCallback(cutoff_step_ratio=float(cutoff.split()[1]))
+    else:
+        callback = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=cutoff)
     seen = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     try:
-        out = _call(pipe, guidance_scale=5.0, callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=cutoff)).images
+        out = _call(pipe, guidance_scale=5.0, callback_on_step_end=callback).images
     finally:
         handle.remove()
     assert seen == batches  # local stage: steps 0, 1; global: 2, 3 (λ = 0.5 of 4); cutoff after step `cutoff`
