@@ -184,7 +184,7 @@ def test_encode_conditions_with_tas_context_equal_the_calls_own_encoding(pipe):
     "vae_dtype,options",
     [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, {"blend": False}), (torch.bfloat16, {"start": "fill_noise"})],
 )
-def test_a_bf16_pipeline_runs_in_bf16_and_follows_the_fp32_result(tiny_model_dir, vae_dtype, options):
+def test_a_bf16_pipeline_runs_in_bf16_and_follows_the_fp32_result(pipe, tiny_model_dir, vae_dtype, options):
     """The default precision (UNet and text encoders in bf16, the VAE read into fp32 by
     ``load_pipeline``) and an all-bf16 pipeline: every tensor handed to a module must be cast to
     that module's dtype, the latents stay in the UNet's dtype, and the image follows the fp32 run
@@ -202,8 +202,7 @@ def test_a_bf16_pipeline_runs_in_bf16_and_follows_the_fp32_result(tiny_model_dir
         return pipe(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), PROMPT, eliminate=["red"], num_inference_steps=3,
                     lambda_=0.5, generator=torch.Generator().manual_seed(0), blend=blend, sampler=sampler, **kw)  # fmt: skip
 
-    fp32 = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
-    fp32.set_progress_bar_config(disable=True)
+    fp32 = pipe
     bf16 = DreamMixInpaintPipeline.from_pretrained(tiny_model_dir)
     bf16.set_progress_bar_config(disable=True)
     for module in (bf16.unet, bf16.text_encoder, bf16.text_encoder_2):
