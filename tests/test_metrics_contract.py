@@ -208,3 +208,25 @@ def test_inception_weights_file_with_code_in_torch_format_is_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(1), "hook": print}, evil)
     with pytest.raises(DreamMixError, match="not a plain PyTorch state dict"):
         InceptionExtractor(evil, device="cpu")
+
+
+def test_model_fingerprint_tells_apart_weights_names_and_shapes():
+    """The feature-cache key of a model: the same weights in another shape (no config to tell
+    them apart), another name or other weights are other models; a copy is the same model."""
+    from dreammix.metrics.common import model_fingerprint
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 2, bias=False)
+    b = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        b.weight.copy_(a.weight.reshape(4, 4))  # same numbers, other layer
+    c = torch.nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        c.weight.copy_(a.weight)
+    assert model_fingerprint(a, "clip") == model_fingerprint(c, "clip")
+    assert model_fingerprint(a, "clip") != model_fingerprint(b, "clip")
+    assert model_fingerprint(a, "clip") != model_fingerprint(a, "dino")
+    assert model_fingerprint(a, "clip") != model_fingerprint(a, "clip", extra="224px")
+    with torch.no_grad():
+        c.weight[0, 0] += 1
+    assert model_fingerprint(a, "clip") != model_fingerprint(c, "clip")
