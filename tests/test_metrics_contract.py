@@ -230,3 +230,15 @@ def test_model_fingerprint_tells_apart_weights_names_and_shapes():
     with torch.no_grad():
         c.weight[0, 0] += 1
     assert model_fingerprint(a, "clip") != model_fingerprint(c, "clip")
+    # the same weights under another (preprocessing) config are another model too
+    class Config:
+        def __init__(self, size):
+            self.size = size
+
+        def to_json_string(self, use_diff=False):
+            return f'{{"image_size": {self.size}}}'
+
+    a.config, c.config = Config(224), Config(336)
+    with torch.no_grad():
+        c.weight.copy_(a.weight)
+    assert model_fingerprint(a, "clip") != model_fingerprint(c, "clip")

@@ -349,13 +349,15 @@ EXPECTED_LATENT_SLICE = np.array([-0.00704, -0.01233, 0.17223, -0.08334, -0.1386
 EXPECTED_IMAGE_SLICE = np.array([0.79216, 0.67059, 0.40784, 0.54118, 0.79216, 0.61176, 0.58039, 0.80000, 0.76863])
 
 
-def test_pre_encoded_conditions_give_the_same_image_without_the_text_encoders(pipe):
+@pytest.mark.parametrize("tas_stages", [("local", "global"), ("local",)])
+def test_pre_encoded_conditions_give_the_same_image_without_the_text_encoders(pipe, tas_stages):
     """encode_conditions + conditions= is the prompt path with the text encoding moved ahead:
-    same latents, and no text-encoder call during the call."""
+    same latents, and no text-encoder call during the call (with TAS in LCG only, each stage's
+    own conditioning: the stages' embeddings differ)."""
     image, mask = _image(64, 64), _mask(64, 64, (16, 48), (16, 48))
-    common = dict(lambda_=0.5, eliminate=["red"], guidance_scale=5.0, output_type="latent")
+    common = dict(lambda_=0.5, eliminate=["red"], guidance_scale=5.0, output_type="latent", tas_stages=tas_stages)
     direct = _run(pipe, image, mask, **common).images
-    conditions = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0)
+    conditions = pipe.encode_conditions(PROMPT, eliminate=["red"], guidance_scale=5.0, tas_stages=tas_stages)
     calls = []
     hooks = [te.register_forward_pre_hook(lambda m, a: calls.append(1)) for te in (pipe.text_encoder, pipe.text_encoder_2)]
     try:
