@@ -344,3 +344,27 @@ def test_cross_attention_kwargs_scale_scales_the_subject_lora(tiny_model_dir, tm
     assert not torch.allclose(full, base)
     torch.testing.assert_close(run(cross_attention_kwargs={"scale": 0.0}), base)
     torch.testing.assert_close(run(cross_attention_kwargs={"scale": 1.0}), full)
+
+
+@pytest.mark.parametrize("tas_stages", [("local", "global"), ("local",), ("global",)])
+def test_each_stage_denoises_with_its_own_conditioning(pipe, tas_stages):
+    """``tas_stages`` says where the TAS-decomposed embedding is used (Eq. 9): LCG's UNet calls get
+    that stage's conditioning, GCH's the other's; the plain prompt's encoding wherever TAS is off."""
+    from test_pipeline import _image, _mask
+
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
+    try:
+        pipe(_image(64, 64), _mask(64, 64, (16, 48), (16, 48)), PROMPT, eliminate=["red"], tas_stages=tas_stages,
+             num_inference_steps=4, lambda_=0.5, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+             output_type="latent")  # fmt: skip
+    finally:
+        hook.remove()
+    tas = pipe._encode_conditions(PROMPT, None, ["red"], ("local", "global"), 1, torch.device("cpu"), torch.float32)
+    plain = pipe._encode_conditions(PROMPT, None, [], (), 1, torch.device("cpu"), torch.float32)
+    assert not torch.allclose(tas["local"].embeds, plain["local"].embeds)  # TAS changes the embedding here
+    assert len(seen) == 4
+    for step, embeds in enumerate(seen):
+        stage = "local" if step < 2 else "global"
+        expected = (tas if stage in tas_stages else plain)[stage].embeds
+        torch.testing.assert_close(embeds, expected, msg=f"step {step} ({stage})")
