@@ -52,6 +52,22 @@ def test_augment_never_shrinks_and_is_deterministic():
     assert all(torch.equal(augment_mask(m, never, torch.Generator().manual_seed(s)), m) for s in range(5))
 
 
+@pytest.mark.parametrize("branch", ["dilate", "box"])
+def test_each_augmentation_branch_draws_its_own_size_over_the_whole_range(branch):
+    """Dilation alone and boxing alone each grow the rectangle by r ∈ [0, round(0.2 · 32)], with r
+    drawn independently of the coin that picked the branch (all of the range is reached)."""
+    m = _square_mask()
+    if branch == "dilate":
+        aug = MaskAugmentation(dilate_prob=1.0, max_dilate=0.2, box_prob=0.0, max_box_margin=0.2)
+    else:
+        aug = MaskAugmentation(dilate_prob=0.0, max_dilate=0.2, box_prob=0.5, max_box_margin=0.2)
+    outs = [augment_mask(m, aug, torch.Generator().manual_seed(s)) for s in range(200)]
+    radii = [10 - bounding_box(o)[0] for o in outs]
+    assert max(radii) == 6 and len(set(radii)) == 7
+    changed = sum(not torch.equal(o, m) for o in outs) / len(outs)
+    assert changed > 0.9 if branch == "dilate" else 0.35 < changed < 0.6  # box_prob 0.5 (r = 0 is unchanged)
+
+
 def test_augmentation_rejects_bad_probabilities():
     with pytest.raises(ValueError, match="dilate_prob"):
         MaskAugmentation(dilate_prob=1.5)

@@ -227,6 +227,11 @@ def test_model_fingerprint_tells_apart_weights_names_and_shapes():
     assert model_fingerprint(a, "clip") != model_fingerprint(b, "clip")
     assert model_fingerprint(a, "clip") != model_fingerprint(a, "dino")
     assert model_fingerprint(a, "clip") != model_fingerprint(a, "clip", extra="224px")
+    # the first and the last parameters are sampled: a changed head is another model
+    first, middle, last = (torch.nn.Linear(3, 3) for _ in range(3))
+    head = torch.nn.Linear(3, 3)
+    assert model_fingerprint(torch.nn.Sequential(first, middle, last), "dino") != model_fingerprint(
+        torch.nn.Sequential(first, middle, head), "dino")
     with torch.no_grad():
         c.weight[0, 0] += 1
     assert model_fingerprint(a, "clip") != model_fingerprint(c, "clip")

@@ -295,6 +295,13 @@ def test_spec_bounds_accept_their_edges_and_refuse_beyond(monkeypatch):
     with pytest.raises(DreamMixError, match="lr must be > 0"):
         OptimSpec(lr=0.0)
     assert OptimSpec(lr=1e-12).lr == 1e-12
+    assert LossSpec(tau_in=0.5, tau_out=0.0).tau_in == 0.5  # a weight below 1 inside is allowed
+    with pytest.raises(DreamMixError):
+        LossSpec(tau_in=-0.1)
+    p = torch.nn.Parameter(torch.ones(2))
+    for name in ("adam", "adamw", "prodigy"):
+        built = OptimSpec(name=name, betas=(0.8, 0.95), eps=1e-6, lr=1.0 if name == "prodigy" else 1e-4).build([p], "cpu")
+        assert tuple(built.defaults["betas"]) == (0.8, 0.95) and built.defaults["eps"] == 1e-6
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if it were not installed
     with pytest.raises(DreamMixError, match="Prodigy needs the prodigyopt package"):
         OptimSpec(name="prodigy", lr=1.0)
