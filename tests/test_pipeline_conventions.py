@@ -86,7 +86,10 @@ def test_prompt_lists_broadcast_or_pair_images(pipe):
     assert paired.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(paired, np.stack(single))
     broadcast = _call(pipe, prompts, image=a, mask=mask, num_images_per_prompt=2, output_type="pil")
-    assert len(broadcast.images) == 4 and len(broadcast.crop_box) == 2
+    assert len(broadcast.images) == 4 and len(broadcast.crop_box) == 2 and len(broadcast.lcg_images) == 4
+    one = _call(pipe, [PROMPT], image=a, mask=mask, seed=5, output_type="np")  # a one-prompt list is the plain call
+    np.testing.assert_array_equal(one.images, single[0][None])
+    assert one.lcg_steps == 2
 
 
 def test_prompt_list_outputs_are_each_prompts_outputs_in_order(pipe):
