@@ -90,6 +90,7 @@ def test_prompt_lists_broadcast_or_pair_images(pipe):
     one = _call(pipe, [PROMPT], image=a, mask=mask, seed=5, output_type="np")  # a one-prompt list is the plain call
     np.testing.assert_array_equal(one.images, single[0][None])
     assert one.lcg_steps == 2
+    assert _call(pipe, [PROMPT], image=a, mask=mask, seed=5, output_type="np", return_dict=False)[3] == 2
 
 
 def test_prompt_list_outputs_are_each_prompts_outputs_in_order(pipe):
