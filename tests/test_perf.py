@@ -57,6 +57,7 @@ def test_call_counter_counts_forward_calls():
     assert counter.count == 2
 
 
+@pytest.mark.slow  # 10–25 s: keeps `make test` under 6 min; run by `make test-all`
 def test_harness_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     report = perf.main([
         "--model", "tiny", "--train-cases", "64x1", "--sample-cases", "64x1", "--train-steps", "3",
@@ -132,6 +133,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 10–25 s: keeps `make test` under 6 min; run by `make test-all`
 def test_sdxl_sampling_costs_add_dif_vae_work_to_equal_unet_work():
     out = perf.sdxl_sampling_costs(resolution=256, steps=4)
     unet, enc, dec = out["unet_call_tflop"], out["vae_encode_tflop"], out["vae_decode_tflop"]
